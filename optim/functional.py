@@ -1,0 +1,318 @@
+"""Pure Adamax / Nadam update steps over (flat) tensors.
+
+Both functions update ``param`` and the optimizer state in place and never
+modify ``grad``. They reproduce torch.optim's ``_single_tensor_adamax`` and
+``_single_tensor_nadam`` operation by operation, so calling them on one flat
+buffer that holds many parameters gives the same bits as torch gives per
+parameter (every operation is elementwise).
+
+``compile=True`` runs a fused kernel built with ``torch.compile`` instead: the
+whole update in one pass over memory (read p, g, m, u once; write p, m, u once:
+28 bytes per float32 element), meant for the sharded optimizer, which calls it
+once on one contiguous shard. Every value that changes from step to step (the
+learning rate, the bias corrections, Nadam's momentum cache) is computed on the
+host exactly as in the eager path and handed to the kernel as one small tensor,
+so stepping never recompiles. The fused kernel evaluates the same expressions
+in the same order; the C++/Triton compiler may contract ``a * b + c`` into one
+fused multiply-add where eager does not (or the other way round), so compiled
+and eager agree to within a couple of units in the last place, not bit for
+bit. When ``torch.compile`` is unavailable the eager path runs instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adamax_step",
+    "compile_available",
+    "nadam_step",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def adamax_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_inf: Tensor,
+    *,
+    step: int,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    compile: bool = False,
+) -> None:
+    """One Adamax update (Kingma & Ba 2015, section 7.1), in place.
+
+    Args:
+        param: parameters (any shape; typically one flat shard), updated in place.
+        grad: gradient, same shape and dtype as ``param``; not modified.
+        exp_avg: first moment ``m``, updated in place.
+        exp_inf: exponentially weighted infinity norm ``u``, updated in place.
+        step: the step number after incrementing (1 on the first update).
+        lr: learning rate (float or 0-dim tensor, as torch accepts).
+        beta1, beta2, eps, weight_decay, maximize: as in ``torch.optim.Adamax``.
+        compile: run the fused ``torch.compile`` kernel (opt-in).
+
+    The update::
+
+        g = -grad if maximize else grad;  g = g + weight_decay * p
+        m = lerp(m, g, 1 - beta1)
+        u = max(beta2 * u, |g| + eps)
+        p = p - lr / (1 - beta1**step) * m / u
+    """
+    _check_same_layout("adamax_step", param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    if compile and _fused_supported(param):
+        clr = lr / (1 - beta1**step)
+        scalars = _scalar_tensor(param, [-_to_float(clr), 1 - beta1, beta2, eps, weight_decay])
+        kernel = _compiled("adamax", _adamax_fused)
+        kernel(
+            param, grad, exp_avg, exp_inf, scalars,
+            maximize=maximize, weight_decay_on=weight_decay != 0,
+        )  # fmt: skip
+        return
+
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    # Update biased first moment estimate.
+    exp_avg.lerp_(grad, 1 - beta1)
+    # Update the exponentially weighted infinity norm (eps inside the max).
+    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    # Only the first moment is bias corrected.
+    clr = lr / (1 - beta1**step)
+    param.addcdiv_(exp_avg, exp_inf, value=-clr)
+
+
+def nadam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    mu_product: Tensor,
+    *,
+    step: int,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+    compile: bool = False,
+) -> None:
+    """One Nadam update (Dozat 2016), in place, with torch's momentum schedule.
+
+    Args:
+        param: parameters (any shape; typically one flat shard), updated in place.
+        grad: gradient, same shape and dtype as ``param``; not modified.
+        exp_avg: first moment ``m``, updated in place.
+        exp_avg_sq: second moment ``v``, updated in place.
+        mu_product: 0-dim tensor, the product ``mu_1 * ... * mu_{step-1}`` on
+            entry (1.0 before the first step); multiplied by ``mu_step`` in place,
+            exactly as ``torch.optim.NAdam`` keeps its ``mu_product`` state.
+        step: the step number after incrementing (1 on the first update).
+        lr: learning rate (float or 0-dim tensor, as torch accepts).
+        beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay,
+            maximize: as in ``torch.optim.NAdam``.
+        compile: run the fused ``torch.compile`` kernel (opt-in).
+
+    The update, with ``mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay))``::
+
+        g = -grad if maximize else grad
+        p = p * (1 - lr * weight_decay)        if decoupled_weight_decay
+        g = g + weight_decay * p               otherwise
+        m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+        denom = sqrt(v / (1 - beta2**t)) + eps
+        p = p - lr * (1 - mu_t) / (1 - prod_{i<=t} mu_i) * g / denom
+              - lr * mu_{t+1} / (1 - prod_{i<=t+1} mu_i) * m / denom
+    """
+    _check_same_layout(
+        "nadam_step", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
+    )
+    if mu_product.dim() != 0:
+        raise ValueError(
+            f"nadam_step: mu_product must be a 0-dim tensor, got shape {tuple(mu_product.shape)}"
+        )
+    bias_correction2 = 1 - beta2**step
+    # The momentum cache mu_t and mu_{t+1}.
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    # In place, in mu_product's own dtype: torch rounds the product the same way.
+    mu_product *= mu
+    mu_product_value = mu_product.item()
+    mu_product_next = mu_product_value * mu_next
+    grad_coeff = -lr * (1.0 - mu) / (1.0 - mu_product_value)
+    exp_avg_coeff = (-lr * mu_next) / (1.0 - mu_product_next)
+    decay = 1 - lr * weight_decay
+
+    if compile and _fused_supported(param):
+        scalars = _scalar_tensor(
+            param,
+            [
+                _to_float(grad_coeff), _to_float(exp_avg_coeff), _to_float(decay),
+                bias_correction2, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+            ],
+        )  # fmt: skip
+        kernel = _compiled("nadam", _nadam_fused)
+        kernel(
+            param, grad, exp_avg, exp_avg_sq, scalars,
+            maximize=maximize,
+            weight_decay_mode=_weight_decay_mode(weight_decay, decoupled_weight_decay),
+        )  # fmt: skip
+        return
+
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            # Decoupled (AdamW-style) weight decay.
+            param.mul_(decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    # Decay the first and second moment running averages.
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
+    # The Nesterov step: the current gradient's share, then the momentum's.
+    param.addcdiv_(grad, denom, value=grad_coeff)
+    param.addcdiv_(exp_avg, denom, value=exp_avg_coeff)
+
+
+def compile_available() -> bool:
+    """True when ``torch.compile`` can build the fused kernels here."""
+    return _compile_probe()
+
+
+# ---------------------------------------------------------------------------
+# Fused kernels (compiled with torch.compile when asked for)
+# ---------------------------------------------------------------------------
+
+
+def _adamax_fused(
+    param: Tensor,  # (N,) any float dtype
+    grad: Tensor,  # (N,)
+    exp_avg: Tensor,  # (N,)
+    exp_inf: Tensor,  # (N,)
+    scalars: Tensor,  # (5,) [-lr/bc1, 1-beta1, beta2, eps, weight_decay], param dtype
+    *,
+    maximize: bool,
+    weight_decay_on: bool,
+) -> None:
+    neg_clr, one_minus_beta1, beta2, eps, weight_decay = scalars.unbind()
+    g = -grad if maximize else grad
+    if weight_decay_on:
+        g = g + weight_decay * param
+    # lerp with weight < 0.5, as torch's kernel evaluates it.
+    m = exp_avg + one_minus_beta1 * (g - exp_avg)
+    u = torch.maximum(exp_inf * beta2, g.abs() + eps)
+    param.copy_(param + neg_clr * m / u)
+    exp_avg.copy_(m)
+    exp_inf.copy_(u)
+
+
+_DECAY_NONE, _DECAY_L2, _DECAY_DECOUPLED = 0, 1, 2
+
+
+def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
+    if weight_decay == 0:
+        return _DECAY_NONE
+    return _DECAY_DECOUPLED if decoupled else _DECAY_L2
+
+
+def _nadam_fused(
+    param: Tensor,  # (N,) any float dtype
+    grad: Tensor,  # (N,)
+    exp_avg: Tensor,  # (N,)
+    exp_avg_sq: Tensor,  # (N,)
+    scalars: Tensor,  # (9,) see nadam_step, param dtype
+    *,
+    maximize: bool,
+    weight_decay_mode: int,
+) -> None:
+    (
+        grad_coeff, exp_avg_coeff, decay, bias_correction2,
+        one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    ) = scalars.unbind()  # fmt: skip
+    g = -grad if maximize else grad
+    p = param
+    if weight_decay_mode == _DECAY_DECOUPLED:
+        p = p * decay
+    elif weight_decay_mode == _DECAY_L2:
+        g = g + weight_decay * p
+    m = exp_avg + one_minus_beta1 * (g - exp_avg)
+    v = exp_avg_sq * beta2 + one_minus_beta2 * g * g
+    denom = torch.sqrt(v / bias_correction2) + eps
+    p = p + grad_coeff * g / denom
+    p = p + exp_avg_coeff * m / denom
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+_compiled_lock = threading.Lock()
+
+
+@functools.cache
+def _compile_probe() -> bool:
+    try:
+        probe = torch.compile(lambda x: x * 2 + 1, fullgraph=True)
+        return bool(torch.equal(probe(torch.ones(4)), torch.full((4,), 3.0)))
+    except Exception as exc:  # compiler missing or broken: fall back to eager
+        _log.warning("torch.compile unavailable (%s); fused optimizer kernels run eagerly", exc)
+        return False
+
+
+_compiled_kernels: dict[str, Callable[..., None]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+    """The compiled ``fn``, built once per process (eager if compile is unavailable)."""
+    kernel = _compiled_kernels.get(name)
+    if kernel is None:
+        with _compiled_lock:
+            kernel = _compiled_kernels.get(name)
+            if kernel is None:
+                kernel = torch.compile(fn, fullgraph=True) if _compile_probe() else fn
+                _compiled_kernels[name] = kernel
+    return kernel
+
+
+def _fused_supported(param: Tensor) -> bool:
+    # Autograd-tracked or complex tensors take the eager path.
+    return not param.requires_grad or not torch.is_grad_enabled()
+
+
+def _scalar_tensor(param: Tensor, values: list[float]) -> Tensor:
+    # In param's dtype: eager casts its python-scalar operands the same way.
+    return torch.tensor(values, dtype=param.dtype).to(param.device, non_blocking=True)
+
+
+def _to_float(value: float | Tensor) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def _check_same_layout(fn: str, param: Tensor, **others: Tensor) -> None:
+    for name, tensor in others.items():
+        if tensor.shape != param.shape:
+            raise ValueError(
+                f"{fn}: {name} must have the shape of param {tuple(param.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != param.dtype:
+            raise ValueError(
+                f"{fn}: {name} must have the dtype of param ({param.dtype}), got {tensor.dtype}"
+            )
