@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints.txt
 PIP := $(PY) -m pip install --constraint $(CONSTRAINTS)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench generate clean
+.PHONY: setup demo test lint typecheck bench generate clean prometheus
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ lint: setup
 typecheck: setup
 	$(PY) -m mypy optim service
 
-test: setup lint
+test: setup lint prometheus
 	$(PY) -m pytest -q
 
 demo: setup
@@ -36,6 +36,22 @@ demo: setup
 bench: setup
 	$(PY) bench/optim_step.py
 	$(PY) bench/zero_train.py
+
+# promtool + prometheus for the observability tests: Debian's package, unpacked
+# into a project-local folder (no root install needed; idempotent). Skipped when
+# promtool and prometheus are already on PATH.
+PROM_DIR := .prometheus
+prometheus: $(PROM_DIR)/usr/bin/promtool
+
+$(PROM_DIR)/usr/bin/promtool:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then \
+		echo "prometheus: using $$(command -v promtool)"; exit 0; fi; \
+	rm -rf $(PROM_DIR).tmp && mkdir -p $(PROM_DIR).tmp && \
+	(cd $(PROM_DIR).tmp && (apt-get download prometheus 2>/dev/null \
+		|| (apt-get update -qq && apt-get download prometheus))) && \
+	dpkg-deb -x $(PROM_DIR).tmp/prometheus_*.deb $(PROM_DIR).tmp/root && \
+	rm -rf $(PROM_DIR) && mv $(PROM_DIR).tmp/root $(PROM_DIR) && rm -rf $(PROM_DIR).tmp && \
+	$(PROM_DIR)/usr/bin/promtool --version | head -1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
