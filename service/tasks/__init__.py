@@ -32,8 +32,20 @@ register_task(
         ),
     },
 )
+
+
+def _check_charlm(args: dict) -> list[str]:
+    if args["d_model"] % args["n_heads"]:
+        return [
+            f"task_args.n_heads: must divide task_args.d_model ({args['d_model']}), "
+            f"got {args['n_heads']}"
+        ]
+    return []
+
+
 register_task(
     "charlm",
+    check=_check_charlm,
     builder="service.tasks.charlm:build",
     description="character-level transformer LM over the Python standard library sources",
     args={

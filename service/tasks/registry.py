@@ -49,12 +49,17 @@ class TaskDef:
     """Argument schema; ``None`` for custom tasks (their arguments pass through)."""
     description: str = ""
     """One line for ``list_tasks()``."""
+    check: Callable[[dict[str, Any]], list[str]] | None = None
+    """Rules across arguments: ``check(resolved_args) -> errors`` (no heavy imports)."""
 
     def resolve_args(self, args: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Validate ``args``; return (args with defaults filled, errors)."""
         if self.args is None:
             return dict(args), []
-        return validate_args(self.args, args)
+        resolved, errors = validate_args(self.args, args)
+        if not errors and self.check is not None:
+            errors = self.check(resolved)
+        return resolved, errors
 
     def build(self, args: Mapping[str, Any], *, seed: int) -> Any:
         """Validate ``args`` and build the task (a :class:`service.tasks.base.Task`)."""
@@ -76,18 +81,22 @@ def register_task(
     builder: str | Callable[..., Any],
     args: Mapping[str, Arg] | None = None,
     description: str = "",
+    check: Callable[[dict[str, Any]], list[str]] | None = None,
     replace: bool = False,
 ) -> TaskDef:
     """Register a task under ``name`` (a lower-case identifier).
 
     ``builder`` is a ``"module:function"`` string (imported lazily) or a
-    callable ``build(args: dict, *, seed: int) -> Task``.
+    callable ``build(args: dict, *, seed: int) -> Task``. ``check`` adds rules
+    across arguments, returning field-named errors.
     """
     if not TASK_NAME_PATTERN.match(name):
         raise ValueError(f"task name must match {TASK_NAME_PATTERN.pattern}, got {name!r}")
     if callable(builder):
         builder = f"{builder.__module__}:{builder.__qualname__}"
-    task = TaskDef(name=name, builder=builder, args=dict(args or {}), description=description)
+    task = TaskDef(
+        name=name, builder=builder, args=dict(args or {}), description=description, check=check
+    )
     with _lock:
         if name in _registry and not replace:
             raise ValueError(f"task {name!r} is already registered")
