@@ -48,7 +48,10 @@ def generate(out_root: Path) -> list[Path]:
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     out_root.mkdir(parents=True, exist_ok=True)
-    virtual = [f"{_VIRTUAL_PREFIX}/{p.relative_to(PROTO_DIR.parents[1]).as_posix()}" for p in _proto_files()]
+    virtual = [
+        f"{_VIRTUAL_PREFIX}/{p.relative_to(PROTO_DIR.parents[1]).as_posix()}"
+        for p in _proto_files()
+    ]
     args = [
         "grpc_tools.protoc",
         f"-I{_VIRTUAL_PREFIX}={PROTO_DIR.parents[1]}",
@@ -104,13 +107,20 @@ def _install(package_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: generate, or ``--check`` for drift."""
-    parser = argparse.ArgumentParser(prog="python -m service.api.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed code is out of date")
+    parser = argparse.ArgumentParser(
+        prog="python -m service.api.generate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed code is out of date"
+    )
     args = parser.parse_args(argv)
     if args.check:
         drifted = drifted_files()
         if drifted:
-            print(f"generated code is out of date: {', '.join(drifted)}; run `make generate`", file=sys.stderr)
+            print(
+                f"generated code is out of date: {', '.join(drifted)}; run `make generate`",
+                file=sys.stderr,
+            )
             return 1
         print("generated code is up to date")
         return 0

@@ -89,7 +89,8 @@ class JobServiceServicer:
 
     def GetJob(self, request, context):
         """Returns one job: spec, state, timestamps, attempt, latest metrics,
-        checkpoint. NOT_FOUND for an unknown id (or a job of another principal's).
+        checkpoint. NOT_FOUND for an unknown id; PERMISSION_DENIED for another
+        principal's job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +106,8 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """Asks a job to stop and returns it (usually CANCELLING, then CANCELLED).
-        FAILED_PRECONDITION when the job has already finished.
+        FAILED_PRECONDITION when the job has already finished; PERMISSION_DENIED
+        for another principal's job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,279 @@
+"""Bearer-token authentication: tokens file, principals, gRPC interceptor.
+
+Clients send ``authorization: Bearer <token>`` metadata. The tokens file maps
+each token to a principal (a name) and an optional admin flag::
+
+    # tokens.yaml (YAML or JSON)
+    tokens:
+      - token: "a-long-random-secret"      # or token_sha256: "<hex digest>"
+        principal: alice
+      - token: "another-long-secret"
+        principal: ops
+        admin: true
+
+A principal sees and cancels only its own jobs; an admin sees all (the
+servicer enforces ownership). Tokens are compared in constant time
+(``hmac.compare_digest`` over SHA-256 digests, checking every entry) and never
+appear in logs or error messages.
+
+Workers push metrics with a per-job ingest token, ``ingest_token(secret,
+job_id)``: an HMAC of the job id under a secret the service generates at start,
+so a leaked worker token only lets one job report for itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+__all__ = [
+    "ANONYMOUS",
+    "AuthInterceptor",
+    "Authenticator",
+    "Principal",
+    "TokenFileError",
+    "bearer_token",
+    "ingest_token",
+    "load_tokens",
+    "new_ingest_secret",
+]
+
+#: Methods callable without any token (gRPC health and reflection).
+OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+#: The ingestion rpc: authorized in the servicer (it needs the request's job id).
+INGEST_METHOD = "/zerotrain.v1.JobService/ReportMetrics"
+_MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    admin: bool = False
+
+    def may_access(self, owner: str) -> bool:
+        """Whether this principal may see or cancel a job owned by ``owner``."""
+        return self.admin or self.name == owner
+
+
+#: The caller when the server runs with auth disabled (loopback only).
+ANONYMOUS = Principal("anonymous", admin=True)
+
+
+class TokenFileError(ValueError):
+    """The tokens file is unreadable or malformed (the message never holds a token)."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def load_tokens(path: str | Path) -> list[tuple[bytes, Principal]]:
+    """Read a tokens file (YAML or JSON) into ``(sha256(token), principal)`` pairs.
+
+    Raises :class:`TokenFileError` naming the entry and field that is wrong.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TokenFileError(f"tokens file {path}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        # The parser's message may quote file content (a token): report only the position.
+        where = getattr(exc, "problem_mark", None) or getattr(exc, "lineno", None)
+        raise TokenFileError(f"tokens file {path}: not valid YAML/JSON (at {where})") from None
+    entries = data.get("tokens") if isinstance(data, Mapping) else None
+    if not isinstance(entries, list) or not entries:
+        raise TokenFileError(f"tokens file {path}: expected a non-empty list under 'tokens'")
+    return _parse_entries(entries, str(path))
+
+
+def _parse_entries(entries: Iterable[Any], source: str) -> list[tuple[bytes, Principal]]:
+    parsed: list[tuple[bytes, Principal]] = []
+    errors: list[str] = []
+    seen: set[bytes] = set()
+    for i, entry in enumerate(entries):
+        where = f"tokens[{i}]"
+        if not isinstance(entry, Mapping):
+            errors.append(f"{where}: must be a mapping with token and principal")
+            continue
+        unknown = sorted(set(entry) - {"token", "token_sha256", "principal", "admin"})
+        if unknown:
+            errors.append(f"{where}: unknown keys {unknown}")
+        name, admin = entry.get("principal"), entry.get("admin", False)
+        if not isinstance(name, str) or not name.strip():
+            errors.append(f"{where}.principal: must be a non-empty string")
+        if not isinstance(admin, bool):
+            errors.append(f"{where}.admin: must be true or false")
+        token, hashed = entry.get("token"), entry.get("token_sha256")
+        digest = None
+        if (token is None) == (hashed is None):
+            errors.append(f"{where}: give exactly one of token, token_sha256")
+        elif token is not None:
+            if not isinstance(token, str) or len(token) < _MIN_TOKEN_CHARS:
+                errors.append(
+                    f"{where}.token: must be a string of >= {_MIN_TOKEN_CHARS} characters"
+                )
+            else:
+                digest = _digest(token)
+        else:
+            try:
+                digest = bytes.fromhex(hashed) if isinstance(hashed, str) else None
+            except ValueError:
+                digest = None
+            if digest is None or len(digest) != 32:
+                errors.append(f"{where}.token_sha256: must be 64 hex characters")
+                digest = None
+        if digest is not None:
+            if digest in seen:
+                errors.append(f"{where}: duplicate token")
+            seen.add(digest)
+            if isinstance(name, str) and name.strip() and isinstance(admin, bool):
+                parsed.append((digest, Principal(name.strip(), admin)))
+    if errors:
+        raise TokenFileError(f"tokens file {source}: " + "; ".join(errors))
+    return parsed
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, if any."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def new_ingest_secret() -> bytes:
+    """A fresh random secret for deriving per-job ingest tokens."""
+    return secrets.token_bytes(32)
+
+
+def ingest_token(secret: bytes, job_id: str) -> str:
+    """The ingest token of ``job_id``: hex HMAC-SHA256 of the job id under ``secret``."""
+    return hmac.new(secret, job_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class Authenticator:
+    """Maps bearer tokens to principals, and checks per-job ingest tokens.
+
+    ``Authenticator(None)`` disables user authentication: every caller is
+    :data:`ANONYMOUS` (an admin). Only the server's ``--insecure-no-auth`` mode
+    builds it that way, and then binds to loopback.
+    """
+
+    def __init__(
+        self,
+        tokens: Iterable[tuple[bytes, Principal]] | None,
+        *,
+        ingest_secret: bytes | None = None,
+    ) -> None:
+        self._tokens = None if tokens is None else list(tokens)
+        self.ingest_secret = ingest_secret if ingest_secret is not None else new_ingest_secret()
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, ingest_secret: bytes | None = None) -> Authenticator:
+        """Build from a tokens file (see the module docstring)."""
+        return cls(load_tokens(path), ingest_secret=ingest_secret)
+
+    @classmethod
+    def from_tokens(cls, tokens: Mapping[str, Principal], **kwargs: Any) -> Authenticator:
+        """Build from ``{token: principal}`` (tests, embedding)."""
+        return cls([(_digest(t), p) for t, p in tokens.items()], **kwargs)
+
+    @property
+    def enabled(self) -> bool:
+        """False when every caller is :data:`ANONYMOUS`."""
+        return self._tokens is not None
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal | None:
+        """The principal of the call's bearer token, or None when missing or unknown."""
+        if self._tokens is None:
+            return ANONYMOUS
+        token = bearer_token(metadata)
+        if token is None:
+            return None
+        digest = _digest(token)
+        found = None
+        for known, principal in self._tokens:  # no early exit: constant time
+            if hmac.compare_digest(known, digest):
+                found = principal
+        return found
+
+    def ingest_allowed(self, metadata: Iterable[tuple[str, Any]] | None, job_id: str) -> bool:
+        """Whether the call may report metrics for ``job_id``.
+
+        Accepts the job's ingest token, an admin's token, or anything when
+        authentication is disabled.
+        """
+        if self._tokens is None:
+            return True
+        token = bearer_token(metadata)
+        if token is None:
+            return False
+        if hmac.compare_digest(token.encode(), ingest_token(self.ingest_secret, job_id).encode()):
+            return True
+        principal = self.authenticate(metadata)
+        return principal is not None and principal.admin
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without a valid bearer token with ``UNAUTHENTICATED``.
+
+    Health and reflection stay open. The ingestion rpc passes through: the
+    servicer checks its per-job token against the request's job id.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if (
+            not self._auth.enabled
+            or method.startswith(OPEN_SERVICE_PREFIXES)
+            or method == INGEST_METHOD
+            or self._auth.authenticate(handler_call_details.invocation_metadata) is not None
+        ):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or invalid bearer token (send 'authorization: Bearer <token>' metadata)"
+
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
