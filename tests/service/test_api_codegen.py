@@ -32,5 +32,11 @@ def test_generated_imports_are_package_absolute():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().split(",") == [
-        "SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "StreamLogs", "ReportMetrics",
+        "SubmitJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "StreamLogs",
+        "ReportMetrics",
     ]

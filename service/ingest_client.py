@@ -1,0 +1,124 @@
+"""``GrpcSink``: pushes a job's metrics records to the service's ReportMetrics rpc.
+
+The runtime's reporter (``service.runtime.reporter``) builds one from the
+environment the service gives each job::
+
+    ZEROTRAIN_INGEST_ADDRESS   host:port of the service (required)
+    ZEROTRAIN_JOB_ID           the job the records belong to (required)
+    ZEROTRAIN_INGEST_TOKEN     the job's ingest token (when the service checks tokens)
+    ZEROTRAIN_INGEST_CA        PEM file of the CA that signed the service's
+                               certificate (turns TLS on)
+
+``send`` raises on any failure (unreachable service, refused record); the
+reporter buffers and retries, so training never waits on the service.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service.api.zerotrain.v1 import job_service_pb2 as pb
+from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from service.convert import metrics_to_proto
+
+__all__ = ["ENV_ADDRESS", "ENV_CA", "ENV_JOB_ID", "ENV_TOKEN", "GrpcSink", "IngestError"]
+
+ENV_ADDRESS = "ZEROTRAIN_INGEST_ADDRESS"
+ENV_JOB_ID = "ZEROTRAIN_JOB_ID"
+ENV_TOKEN = "ZEROTRAIN_INGEST_TOKEN"
+ENV_CA = "ZEROTRAIN_INGEST_CA"
+
+
+class IngestError(RuntimeError):
+    """A record could not be delivered (the message says why; never the token)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.code))
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same record again may succeed."""
+        return self.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+
+
+class GrpcSink:
+    """Sends metrics records of one job to the service.
+
+    ``ca`` is the path of a PEM file with the CA that signed the service's
+    certificate (TLS); without it the channel is plaintext. Thread-safe (one
+    gRPC channel). Each ``send`` is one unary call bounded by ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        job_id: str,
+        *,
+        token: str | None = None,
+        ca: str | Path | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        if not address:
+            raise ValueError(f"{ENV_ADDRESS}: must be host:port, got {address!r}")
+        if not job_id:
+            raise ValueError(f"{ENV_JOB_ID}: must be a job id, got {job_id!r}")
+        self.address, self.job_id, self.timeout_s = address, job_id, timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if ca:
+            try:
+                root_ca = Path(ca).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{ENV_CA}: cannot read {ca} ({exc.strerror})") from None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_ca))
+        else:
+            self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.JobServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> GrpcSink | None:
+        """A sink configured from the environment, or None when no address is set."""
+        env = os.environ if environ is None else environ
+        address = env.get(ENV_ADDRESS, "")
+        if not address:
+            return None
+        return cls(
+            address,
+            env.get(ENV_JOB_ID, ""),
+            token=env.get(ENV_TOKEN) or None,
+            ca=env.get(ENV_CA) or None,
+            **kwargs,
+        )
+
+    def send(self, record: Mapping[str, Any]) -> None:
+        """Deliver one metrics record; raises :class:`IngestError` on failure."""
+        try:
+            message = metrics_to_proto({**record, "job_id": self.job_id})
+        except ValueError as exc:
+            raise IngestError(str(exc), "INVALID_ARGUMENT") from None
+        request = pb.ReportMetricsRequest(job_id=self.job_id, record=message)
+        try:
+            self._stub.ReportMetrics(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() is not None else "UNKNOWN"
+            raise IngestError(
+                f"ReportMetrics to {self.address} failed: {code}: {exc.details()}", code
+            ) from None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> GrpcSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
