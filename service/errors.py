@@ -1,0 +1,99 @@
+"""Typed errors of the job service.
+
+Every error is a subclass of :class:`ZerotrainError`, carries a message that
+says what was wrong and what to do, and survives pickling (Ray and
+multiprocessing move exceptions between processes), so each one keeps its
+fields when re-raised elsewhere. The servicer maps them to gRPC status codes:
+
+==================  =========================================
+``SpecError``       INVALID_ARGUMENT (every bad field listed)
+``InvalidArgument`` INVALID_ARGUMENT (e.g. a bad page token)
+``JobNotFound``     NOT_FOUND
+``JobFinished``     FAILED_PRECONDITION
+``Unschedulable``   FAILED_PRECONDITION, with the reason
+``PermissionDenied`` PERMISSION_DENIED
+``ClusterUnavailable`` UNAVAILABLE (Ray cannot be reached; retry later)
+==================  =========================================
+
+There is deliberately no ``DuplicateJob``: a repeated idempotency key returns
+the job created by the first request.
+"""
+
+from __future__ import annotations
+
+from service.spec import SpecError
+
+__all__ = [
+    "ClusterUnavailable",
+    "InvalidArgument",
+    "JobFinished",
+    "JobNotFound",
+    "PermissionDenied",
+    "SpecError",
+    "Unschedulable",
+    "ZerotrainError",
+]
+
+
+class ZerotrainError(Exception):
+    """Base class of the service's domain errors."""
+
+
+class InvalidArgument(ZerotrainError, ValueError):
+    """A request argument other than the spec is malformed (page size, page token, record)."""
+
+
+class JobNotFound(ZerotrainError, LookupError):
+    """No job with this id exists (or it is not visible to the caller)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} not found"
+
+
+class JobFinished(ZerotrainError):
+    """The job is already in a terminal state, so the operation cannot apply."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(job_id, state)
+        self.job_id = job_id
+        self.state = state
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} already finished ({self.state}); nothing to cancel"
+
+
+class Unschedulable(ZerotrainError):
+    """The job asks for resources the cluster can never provide."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class PermissionDenied(ZerotrainError):
+    """The caller may not do this (another principal's job, or a disabled feature)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class ClusterUnavailable(ZerotrainError):
+    """The Ray cluster cannot be reached right now; the request changed nothing."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
