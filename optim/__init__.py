@@ -1,0 +1,9 @@
+"""zerotrain's optimizers: drop-in Adamax / Nadam and their pure update steps.
+
+``optim`` is pure maths plus sharding: it never imports the service, Ray or gRPC.
+"""
+
+from optim.adamax import Adamax
+from optim.nadam import Nadam
+
+__all__ = ["Adamax", "Nadam"]

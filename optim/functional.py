@@ -33,8 +33,10 @@ from torch import Tensor
 
 __all__ = [
     "adamax_step",
+    "adamax_step_capturable",
     "compile_available",
     "nadam_step",
+    "nadam_step_capturable",
 ]
 
 _log = logging.getLogger(__name__)
@@ -196,6 +198,85 @@ def nadam_step(
     # The Nesterov step: the current gradient's share, then the momentum's.
     param.addcdiv_(grad, denom, value=grad_coeff)
     param.addcdiv_(exp_avg, denom, value=exp_avg_coeff)
+
+
+def adamax_step_capturable(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_inf: Tensor,
+    step_t: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """``adamax_step`` with the step count kept on the device (CUDA graph capture).
+
+    ``step_t`` is the 0-dim step tensor on ``param``'s device, incremented in
+    place; no value leaves the device. Follows ``torch.optim.Adamax``'s
+    ``capturable=True`` arithmetic.
+    """
+    step_t += 1
+    if torch.is_complex(param):
+        param, grad, exp_avg, exp_inf = _view_as_real(param, grad, exp_avg, exp_inf)
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    # -(1 - beta1**t) / lr, so that addcdiv needs no host-side value (torch #121238).
+    neg_bias_correction = beta1**step_t - 1
+    neg_bias_correction.div_(lr)
+    param.addcdiv_(exp_avg, exp_inf * neg_bias_correction)
+
+
+def nadam_step_capturable(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    mu_product: Tensor,
+    step_t: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """``nadam_step`` with the step count and ``mu_product`` kept on the device.
+
+    ``step_t`` is incremented in place. Follows ``torch.optim.NAdam``'s
+    ``capturable=True`` arithmetic.
+    """
+    step_t += 1
+    if torch.is_complex(param):
+        param, grad, exp_avg, exp_avg_sq = _view_as_real(param, grad, exp_avg, exp_avg_sq)
+    if maximize:
+        grad = -grad
+    bias_correction2 = 1 - beta2**step_t
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step_t * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step_t + 1) * momentum_decay)))
+    mu_product *= mu
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
+    mu_product_next = mu_product * mu_next
+    param.addcdiv_(grad * (-lr * (1.0 - mu) / (1.0 - mu_product)), denom)
+    param.addcdiv_(exp_avg * (-lr * mu_next / (1.0 - mu_product_next)), denom)
 
 
 def compile_available() -> bool:
