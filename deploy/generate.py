@@ -1,13 +1,15 @@
-"""Generate the Grafana dashboard and its Kubernetes ConfigMap.
+"""Generate the Grafana dashboard, its Kubernetes ConfigMap and the PrometheusRule.
 
     python deploy/generate.py           # rewrite both files
     python deploy/generate.py --check   # exit 1 when either file is out of date
 
 The dashboard is declared below as rows of panels (title, unit, PromQL queries);
 ``deploy/grafana/dashboards/zerotrain.json`` and
-``deploy/k8s/grafana-dashboard-configmap.yaml`` are its generated outputs, kept in
-git so that compose and kubectl need no build step. tests/deploy checks they are
-in sync and that every query parses and names only exported metrics.
+``deploy/k8s/grafana-dashboard-configmap.yaml`` are its generated outputs, and
+``deploy/k8s/prometheusrule.yaml`` wraps ``deploy/prometheus/rules/`` for the
+Prometheus operator; all are kept in git so that compose and kubectl need no
+build step. tests/deploy checks they are in sync and that every query parses and
+names only exported metrics.
 """
 
 from __future__ import annotations
@@ -21,11 +23,21 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["CONFIGMAP_PATH", "DASHBOARD_PATH", "build_configmap", "build_dashboard", "render"]
+__all__ = [
+    "CONFIGMAP_PATH",
+    "DASHBOARD_PATH",
+    "PROMETHEUS_RULE_PATH",
+    "build_configmap",
+    "build_dashboard",
+    "build_prometheus_rule",
+    "render",
+]
 
 DEPLOY = Path(__file__).resolve().parent
 DASHBOARD_PATH = DEPLOY / "grafana" / "dashboards" / "zerotrain.json"
 CONFIGMAP_PATH = DEPLOY / "k8s" / "grafana-dashboard-configmap.yaml"
+RULES_PATH = DEPLOY / "prometheus" / "rules" / "zerotrain.rules.yml"
+PROMETHEUS_RULE_PATH = DEPLOY / "k8s" / "prometheusrule.yaml"
 
 DASHBOARD_UID = "zerotrain-overview"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -387,6 +399,20 @@ def build_configmap(dashboard_json: str) -> dict:
     }
 
 
+def build_prometheus_rule(rules: dict) -> dict:
+    """A Prometheus-operator PrometheusRule carrying the alert rule groups."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "zerotrain",
+            "namespace": "zerotrain",
+            "labels": {"app.kubernetes.io/part-of": "zerotrain"},
+        },
+        "spec": {"groups": rules["groups"]},
+    }
+
+
 def render() -> dict[Path, str]:
     """The generated files' contents, keyed by path."""
     dashboard_json = json.dumps(build_dashboard(), indent=2) + "\n"
@@ -394,7 +420,16 @@ def render() -> dict[Path, str]:
     configmap = header + yaml.dump(
         build_configmap(dashboard_json), Dumper=_BlockDumper, sort_keys=False, width=120
     )
-    return {DASHBOARD_PATH: dashboard_json, CONFIGMAP_PATH: configmap}
+    rules = yaml.safe_load(RULES_PATH.read_text())
+    rule_header = header.replace("the dashboard definition", "deploy/prometheus/rules/")
+    prometheus_rule = rule_header + yaml.dump(
+        build_prometheus_rule(rules), Dumper=_BlockDumper, sort_keys=False, width=120
+    )
+    return {
+        DASHBOARD_PATH: dashboard_json,
+        CONFIGMAP_PATH: configmap,
+        PROMETHEUS_RULE_PATH: prometheus_rule,
+    }
 
 
 class _BlockDumper(yaml.SafeDumper):
