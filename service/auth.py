@@ -195,6 +195,10 @@ class Authenticator:
         """Build from ``{token: principal}`` (tests, embedding)."""
         return cls([(_digest(t), p) for t, p in tokens.items()], **kwargs)
 
+    def ingest_token_for(self, job_id: str) -> str:
+        """The ingest token the service hands the workers of ``job_id``."""
+        return ingest_token(self.ingest_secret, job_id)
+
     @property
     def enabled(self) -> bool:
         """False when every caller is :data:`ANONYMOUS`."""

@@ -8,8 +8,11 @@ and ``grpcurl`` work against it.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
+import socket
+import tempfile
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, AuthInterceptor
+from service.config import ServerConfig
 from service.servicer import JobServicer
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_BYTES",
     "SERVICE_NAME",
+    "Service",
     "TlsConfig",
     "create_server",
     "is_loopback",
@@ -160,3 +165,123 @@ def stop_server(server: grpc.Server, grace: float = 5.0) -> None:
     if health_servicer is not None:
         health_servicer.enter_graceful_shutdown()
     server.stop(grace).wait()
+
+
+class Service:
+    """The whole service: job store, Ray, job manager, metrics endpoint, gRPC server.
+
+    ``Service(config).start()`` opens the SQLite store under ``data_dir``,
+    connects to ``ray_address`` or starts (or re-attaches to) an embedded local
+    Ray head, re-attaches unfinished jobs, serves ``/metrics`` and the gRPC
+    API. ``stop()`` undoes it in reverse order; the embedded Ray head is
+    stopped too unless ``keep_ray`` (then a restarted service re-attaches to
+    it and to the jobs still running there).
+    """
+
+    def __init__(self, config: ServerConfig, *, keep_ray: bool = False) -> None:
+        self.config = config
+        self.keep_ray = keep_ray
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.ray_address: str | None = None
+        self._closers: list[Any] = []
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients use (the bound port, not the configured 0)."""
+        host = self.config.address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def start(self) -> Service:
+        """Bring everything up; on failure, tear down what was started and re-raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    def _start(self) -> None:
+        from service.jobs import JobManager
+        from service.metrics import ServiceMetrics
+        from service.ray_jobs import RayJobs, start_local_ray
+        from service.store import JobStore
+
+        config = self.config
+        if config.insecure_no_auth:
+            auth = Authenticator(None)
+        else:
+            assert config.tokens_file is not None  # ServerConfig guarantees it
+            auth = Authenticator.from_file(config.tokens_file)
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+        data_dir = Path(config.data_dir).expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(data_dir / "jobs.db")
+        self._closers.append(store.close)
+
+        if config.ray_address:
+            ray = RayJobs(config.ray_address)
+        else:
+            head = start_local_ray(_ray_temp_dir(data_dir), num_cpus=config.ray_num_cpus)
+            if not self.keep_ray:
+                self._closers.append(head.shutdown)
+            ray = RayJobs(head.address, token=head.token)
+        self.ray_address = ray.address
+        log.info("Ray dashboard: %s", self.ray_address)
+
+        metrics = ServiceMetrics()
+        self._closers.append(metrics.close)
+        metrics_host = config.address.rsplit(":", 1)[0].strip("[]")
+        if config.metrics_port >= 0:
+            self.metrics_port = metrics.serve(config.metrics_port, addr=metrics_host)
+            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
+
+        manager = JobManager(
+            store,
+            ray,
+            data_dir=data_dir,
+            allow_custom_tasks=config.allow_custom_tasks,
+            ingest_address=config.ingest_address or None,
+            # Workers authenticate their ingestion calls with their job's own token.
+            ingest_token=auth.ingest_token_for if auth.enabled else None,
+            metrics=metrics,
+        )
+        self.manager = manager
+        self.server, self.port = create_server(
+            config.address, manager, auth=auth, tls=tls, metrics=metrics
+        )
+        self._closers.append(lambda: stop_server(self.server, 5.0))  # type: ignore[arg-type]
+        if not config.ingest_address:  # known only now when the port was 0
+            manager.ingest_address = _advertised(config.address, self.port)
+        manager.start()
+        self._closers.append(manager.stop)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving and release everything (idempotent)."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                log.exception("error while stopping the service")
+
+
+def _ray_temp_dir(data_dir: Path) -> Path:
+    """A short, stable temp dir per data dir (Ray's unix sockets need short paths).
+
+    Stable, so a restarted service finds the embedded head it left running.
+    """
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"zt-ray-{digest}"
+
+
+def _advertised(listen: str, port: int) -> str:
+    """The address workers reach the service at, for a listen address and bound port."""
+    host = listen.rsplit(":", 1)[0]
+    if host.strip("[]") in {"0.0.0.0", "::", ""}:
+        host = socket.gethostname()  # a wildcard bind: the machine's name
+    return f"{host}:{port}"

@@ -16,6 +16,7 @@ error                  status               message
 ``JobFinished``        FAILED_PRECONDITION  the job's terminal state
 ``Unschedulable``      FAILED_PRECONDITION  why the cluster can never run it
 ``PermissionDenied``   PERMISSION_DENIED    what was refused
+``ClusterUnavailable`` UNAVAILABLE          Ray cannot be reached (retry later)
 anything else          INTERNAL             "internal error" (details in the log)
 =====================  ===================  ==========================================
 """
@@ -37,6 +38,7 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
 from service.errors import (
+    ClusterUnavailable,
     InvalidArgument,
     JobFinished,
     JobNotFound,
@@ -231,6 +233,7 @@ _STATUS_OF_ERROR = (
     (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ClusterUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 

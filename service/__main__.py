@@ -1,0 +1,147 @@
+"""``python -m service serve`` (console script ``zerotrain-serve``): run the service.
+
+Every flag falls back to an environment variable (see :mod:`service.config`).
+Runs until SIGTERM or SIGINT, then stops serving (open streams get a few
+seconds of grace), stops the job manager and, unless ``--keep-ray``, the
+embedded Ray head. Jobs on an external cluster keep running; a restarted
+service re-attaches to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_METRICS_PORT,
+    ConfigError,
+    ServerConfig,
+    env_flag,
+)
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (``serve`` is the only command, and the default)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="zerotrain job service (gRPC control plane)"
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gRPC job service")
+    add = serve.add_argument
+    add("--address", "--listen", help=f"gRPC listen host:port (default {DEFAULT_ADDRESS}; "
+        "env ZEROTRAIN_LISTEN_ADDRESS)")  # fmt: skip
+    add("--metrics-port", type=int, help=f"Prometheus /metrics port (default "
+        f"{DEFAULT_METRICS_PORT}; 0: any free port; -1: off; env ZEROTRAIN_METRICS_PORT)")  # fmt: skip
+    add("--data-dir", type=Path, help="SQLite job store and checkpoints "
+        "(default ~/.local/share/zerotrain; env ZEROTRAIN_DATA_DIR)")  # fmt: skip
+    add("--ray-address", help="dashboard address of an existing Ray cluster, e.g. "
+        "http://head:8265 (default: start an embedded local head; env ZEROTRAIN_RAY_ADDRESS)")  # fmt: skip
+    add("--ray-num-cpus", type=int, help="CPUs of the embedded Ray head (default: all; "
+        "env ZEROTRAIN_RAY_NUM_CPUS)")  # fmt: skip
+    add("--keep-ray", action="store_true", default=None,
+        help="leave the embedded Ray head and its jobs running on exit (env ZEROTRAIN_KEEP_RAY)")  # fmt: skip
+    add("--tokens-file", type=Path, help="YAML/JSON file of bearer tokens -> principals "
+        "(env ZEROTRAIN_TOKENS_FILE)")  # fmt: skip
+    add("--tls-cert", type=Path, help="PEM server certificate chain (env ZEROTRAIN_TLS_CERT)")
+    add("--tls-key", type=Path, help="PEM server private key (env ZEROTRAIN_TLS_KEY)")
+    add("--tls-client-ca", type=Path, help="PEM CA for client certificates: mutual TLS "
+        "(env ZEROTRAIN_TLS_CLIENT_CA)")  # fmt: skip
+    add("--ingest-address", help="host:port the workers reach this service at "
+        "(default: the bound address; env ZEROTRAIN_INGEST_ADVERTISE)")  # fmt: skip
+    add("--allow-custom-tasks", action="store_true", default=None,
+        help="accept package.module:function tasks (arbitrary code; env ZEROTRAIN_ALLOW_CUSTOM_TASKS)")  # fmt: skip
+    add("--insecure-no-auth", action="store_true", default=None,
+        help="no authentication: binds to 127.0.0.1 only (env ZEROTRAIN_INSECURE_NO_AUTH)")  # fmt: skip
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> ServerConfig:
+    """Flags over environment over defaults; ``ConfigError`` names the bad setting."""
+    values: dict[str, Any] = ServerConfig.env_defaults(env)
+    for key in ("address", "metrics_port", "data_dir", "ray_address", "ray_num_cpus",
+                "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address",
+                "allow_custom_tasks", "insecure_no_auth"):  # fmt: skip
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    if values.get("insecure_no_auth"):
+        from service.server import is_loopback
+
+        address = values.get("address", DEFAULT_ADDRESS)
+        if not is_loopback(address):
+            port = address.rsplit(":", 1)[-1]
+            values["address"] = f"127.0.0.1:{port}"
+            log.warning(
+                "--insecure-no-auth: binding 127.0.0.1:%s instead of %s (no authentication "
+                "is only allowed on loopback)",
+                port,
+                address,
+            )
+    return ServerConfig(**values)
+
+
+def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
+    """Run the service until SIGTERM/SIGINT; return the exit code."""
+    from service.server import Service
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    service = Service(config, keep_ray=keep_ray)
+    try:
+        service.start()
+        if config.insecure_no_auth:
+            log.warning("authentication is DISABLED (--insecure-no-auth): anyone on this host "
+                        "may submit and cancel jobs")  # fmt: skip
+        log.info("serving on %s (data dir %s)", service.address, config.data_dir)
+        print(f"zerotrain: serving on {service.address}", flush=True)
+        stopping.wait()
+    finally:
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m service`` and ``zerotrain-serve``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv.insert(0, "serve")  # `zerotrain-serve --flags` means `serve --flags`
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        keep_ray = bool(args.keep_ray) or env_flag(os.environ, "ZEROTRAIN_KEEP_RAY")
+    except ConfigError as exc:
+        print(f"zerotrain: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(config, keep_ray=keep_ray)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # TokenFileError, TLS files, ports in use, Ray that will not start: say what, exit 1.
+        print(f"zerotrain: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Configuration of the server (flags + environment) and of clients (flags, env, file).
+
+Server settings, each a ``python -m service serve`` flag with an environment
+variable as its fallback (the flag wins):
+
+=========================  ==============================  ==========================
+flag                       environment                     default
+=========================  ==============================  ==========================
+``--address``              ``ZEROTRAIN_LISTEN_ADDRESS``    ``127.0.0.1:50051``
+``--metrics-port``         ``ZEROTRAIN_METRICS_PORT``      ``9464`` (0: any free port;
+                                                           -1: no metrics endpoint)
+``--data-dir``             ``ZEROTRAIN_DATA_DIR``          ``~/.local/share/zerotrain``
+``--ray-address``          ``ZEROTRAIN_RAY_ADDRESS``       empty: start an embedded
+                                                           local Ray head
+``--ray-num-cpus``         ``ZEROTRAIN_RAY_NUM_CPUS``      all CPUs (embedded head)
+``--tokens-file``          ``ZEROTRAIN_TOKENS_FILE``       required unless
+                                                           ``--insecure-no-auth``
+``--tls-cert/--tls-key``   ``ZEROTRAIN_TLS_CERT/_KEY``     plaintext
+``--tls-client-ca``        ``ZEROTRAIN_TLS_CLIENT_CA``     no client certificates
+``--ingest-address``       ``ZEROTRAIN_INGEST_ADVERTISE``  the bound address
+``--allow-custom-tasks``   ``ZEROTRAIN_ALLOW_CUSTOM_TASKS``  off
+``--insecure-no-auth``     ``ZEROTRAIN_INSECURE_NO_AUTH``  off (forces a loopback bind)
+=========================  ==============================  ==========================
+
+Client settings (``JobClient`` and ``trainctl``), first found wins: explicit
+arguments/flags, then ``ZEROTRAIN_ADDRESS``, ``ZEROTRAIN_TOKEN``,
+``ZEROTRAIN_CA``, ``ZEROTRAIN_CLIENT_CERT``, ``ZEROTRAIN_CLIENT_KEY``, then the
+file ``$ZEROTRAIN_CONFIG`` or ``~/.config/zerotrain/config.yaml`` with keys
+``address``, ``token``, ``ca``, ``client_cert``, ``client_key``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_METRICS_PORT",
+    "ClientConfig",
+    "ConfigError",
+    "ServerConfig",
+    "default_client_config_path",
+    "default_data_dir",
+    "env_flag",
+    "load_client_config",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_METRICS_PORT = 9464
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag or variable and the rule."""
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/zerotrain`` (``~/.local/share/zerotrain``)."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "zerotrain"
+
+
+def default_client_config_path() -> Path:
+    """``$ZEROTRAIN_CONFIG``, else ``$XDG_CONFIG_HOME/zerotrain/config.yaml``."""
+    if os.environ.get("ZEROTRAIN_CONFIG"):
+        return Path(os.environ["ZEROTRAIN_CONFIG"])
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "zerotrain" / "config.yaml"
+
+
+def _check_address(value: str, name: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: must be host:port with a port in 0..65535, got {value!r}")
+    return value
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    """A boolean environment variable (1/true/yes/on or 0/false/no/off/empty)."""
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name}: must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``python -m service serve`` needs (see the module docstring)."""
+
+    address: str = DEFAULT_ADDRESS
+    metrics_port: int = DEFAULT_METRICS_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    ray_address: str = ""
+    ray_num_cpus: int | None = None
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    ingest_address: str = ""
+    allow_custom_tasks: bool = False
+    insecure_no_auth: bool = False
+
+    def __post_init__(self) -> None:
+        errors = []
+        for check in (
+            lambda: _check_address(self.address, "--address"),
+            lambda: self.ingest_address and _check_address(self.ingest_address, "--ingest-address"),
+        ):
+            try:
+                check()
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if not -1 <= self.metrics_port <= 65535:
+            errors.append(f"--metrics-port: must be in -1..65535, got {self.metrics_port}")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
+            errors.append(f"--ray-num-cpus: must be >= 1, got {self.ray_num_cpus}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            errors.append("--tls-cert/--tls-key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            errors.append("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS is TLS)")
+        if self.tokens_file is None and not self.insecure_no_auth:
+            errors.append(
+                "--tokens-file: required (or pass --insecure-no-auth to run without "
+                "authentication on loopback only)"
+            )
+        if self.tokens_file is not None and self.insecure_no_auth:
+            errors.append("--insecure-no-auth: cannot be combined with --tokens-file")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    @staticmethod
+    def env_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Settings taken from the environment (for flags that were not given)."""
+        env = os.environ if env is None else env
+        out: dict[str, Any] = {}
+
+        def path(name: str) -> Path | None:
+            return Path(env[name]).expanduser() if env.get(name) else None
+
+        def integer(name: str) -> int | None:
+            if not env.get(name):
+                return None
+            try:
+                return int(env[name])
+            except ValueError:
+                raise ConfigError(f"{name}: must be an integer, got {env[name]!r}") from None
+
+        for key, name in (
+            ("address", "ZEROTRAIN_LISTEN_ADDRESS"),
+            ("ray_address", "ZEROTRAIN_RAY_ADDRESS"),
+            ("ingest_address", "ZEROTRAIN_INGEST_ADVERTISE"),
+        ):
+            if env.get(name):
+                out[key] = env[name]
+        for key, name in (("metrics_port", "ZEROTRAIN_METRICS_PORT"),
+                          ("ray_num_cpus", "ZEROTRAIN_RAY_NUM_CPUS")):  # fmt: skip
+            if (value := integer(name)) is not None:
+                out[key] = value
+        for key, name in (
+            ("data_dir", "ZEROTRAIN_DATA_DIR"),
+            ("tokens_file", "ZEROTRAIN_TOKENS_FILE"),
+            ("tls_cert", "ZEROTRAIN_TLS_CERT"),
+            ("tls_key", "ZEROTRAIN_TLS_KEY"),
+            ("tls_client_ca", "ZEROTRAIN_TLS_CLIENT_CA"),
+        ):
+            if (value := path(name)) is not None:
+                out[key] = value
+        for key, name in (
+            ("allow_custom_tasks", "ZEROTRAIN_ALLOW_CUSTOM_TASKS"),
+            ("insecure_no_auth", "ZEROTRAIN_INSECURE_NO_AUTH"),
+        ):
+            if env.get(name):
+                out[key] = env_flag(env, name)
+        return out
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where and how a client connects."""
+
+    address: str = DEFAULT_ADDRESS
+    token: str | None = None
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the channel uses TLS (a CA was given)."""
+        return self.ca is not None
+
+
+def load_client_config(
+    *,
+    address: str | None = None,
+    token: str | None = None,
+    ca: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> ClientConfig:
+    """Resolve client settings: arguments, then environment, then the config file."""
+    env = os.environ if env is None else env
+    path = Path(config_file) if config_file else default_client_config_path()
+    file_values: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(
+                f"client config {path}: cannot parse ({type(exc).__name__})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"client config {path}: must be a mapping of settings")
+        file_values = dict(loaded or {})
+        unknown = sorted(set(file_values) - {"address", "token", "ca", "client_cert", "client_key"})
+        if unknown:
+            raise ConfigError(f"client config {path}: unknown keys {unknown}")
+    elif config_file:
+        raise ConfigError(f"client config {path}: no such file")
+
+    def pick(arg: Any, env_name: str, key: str) -> Any:
+        for value in (arg, env.get(env_name), file_values.get(key)):
+            if value not in (None, ""):
+                return value
+        return None
+
+    resolved_address = pick(address, "ZEROTRAIN_ADDRESS", "address") or DEFAULT_ADDRESS
+    _check_address(str(resolved_address), "address")
+
+    def as_path(value: Any) -> Path | None:
+        return Path(str(value)).expanduser() if value else None
+
+    config = ClientConfig(
+        address=str(resolved_address),
+        token=pick(token, "ZEROTRAIN_TOKEN", "token"),
+        ca=as_path(pick(ca, "ZEROTRAIN_CA", "ca")),
+        client_cert=as_path(pick(client_cert, "ZEROTRAIN_CLIENT_CERT", "client_cert")),
+        client_key=as_path(pick(client_key, "ZEROTRAIN_CLIENT_KEY", "client_key")),
+    )
+    if (config.client_cert is None) != (config.client_key is None):
+        raise ConfigError("client_cert/client_key: give both or neither")
+    if config.client_cert is not None and config.ca is None:
+        raise ConfigError("client_cert: needs ca (mutual TLS is TLS)")
+    return config
