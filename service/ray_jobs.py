@@ -1,0 +1,400 @@
+"""Adapter over Ray's Jobs API, and an embedded local Ray head for the service.
+
+:class:`RayJobs` is the only place that talks to ``JobSubmissionClient``: the
+job manager asks it to submit, inspect, stop and read the logs of Ray jobs and
+for the cluster's total resources, and gets plain Python values back.
+
+:func:`start_local_ray` starts a private single-node Ray head (``ray start
+--head --block``) with its dashboard on loopback, its own temp dir, its own
+free ports and its own auth token, so several heads (other services, tests)
+coexist on one machine. The head runs in its own session: it outlives a
+crashed service, and a restarted service finds it again through the state
+file in the temp dir and re-attaches to the jobs still running there.
+
+Ray token auth: a head started here always runs with ``RAY_AUTH_MODE=token``
+and a generated token. Clients pass it as ``Authorization: Bearer <token>``;
+for an existing cluster, :class:`RayJobs` takes the token from its ``token``
+argument, else from ``RAY_AUTH_TOKEN`` or the file named by
+``RAY_AUTH_TOKEN_PATH`` (Ray's own conventions), else sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+__all__ = [
+    "ClusterResources",
+    "LocalRay",
+    "RayJobInfo",
+    "RayJobs",
+    "runtime_entrypoint",
+    "start_local_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+_STATE_FILE = "zerotrain_ray_head.json"
+_TOKEN_FILE = "auth_token"
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    """What Ray knows about one submitted job."""
+
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    message: str
+    start_time: float | None  # seconds since the epoch (Ray reports ms)
+    end_time: float | None
+    driver_exit_code: int | None
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """Totals over the cluster's alive nodes (what could ever be scheduled)."""
+
+    total_cpus: float
+    total_gpus: float
+    max_node_cpus: float
+    max_node_gpus: float
+    num_nodes: int
+
+
+def runtime_entrypoint(job_id: str, spec_json: str, storage: str | Path) -> str:
+    """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``)."""
+    return " ".join(
+        shlex.quote(part)
+        for part in (
+            sys.executable,
+            "-m",
+            "service.runtime",
+            "--spec-json",
+            spec_json,
+            "--job-id",
+            job_id,
+            "--storage",
+            str(storage),
+        )
+    )
+
+
+def _resolve_token(token: str | None) -> str | None:
+    if token:
+        return token
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).is_file():
+        return Path(path).read_text().strip()
+    return None
+
+
+class RayJobs:
+    """Submit, inspect, stop and read logs of Ray jobs on one cluster.
+
+    Args:
+        address: the cluster's dashboard address, e.g. ``http://127.0.0.1:8265``.
+        token: Ray auth token (see the module docstring for the fallbacks).
+
+    Raises:
+        ConnectionError: the dashboard cannot be reached.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address if "://" in address else f"http://{address}"
+        token = _resolve_token(token)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            self._client = JobSubmissionClient(self.address, headers=dict(self._headers))
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConnectionError(
+                f"cannot reach the Ray dashboard at {self.address}: {exc}"
+            ) from exc
+
+    def submit(
+        self,
+        job_id: str,
+        entrypoint: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """Submit ``entrypoint`` as Ray job ``job_id`` (the submission id); returns it.
+
+        Submitting the same ``job_id`` again does not start a second job: Ray
+        refuses the duplicate and this returns the id of the existing one.
+        """
+        runtime_env = {"env_vars": dict(env)} if env else None
+        try:
+            return self._client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata=dict(metadata or {}),
+            )
+        except RuntimeError as exc:
+            if "already exists" in str(exc) and self.info(job_id) is not None:
+                return job_id
+            raise
+
+    def info(self, ray_job_id: str) -> RayJobInfo | None:
+        """The job's status in Ray, or ``None`` if Ray does not know it."""
+        try:
+            details = self._client.get_job_info(ray_job_id)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return None
+            raise
+        return RayJobInfo(
+            status=str(details.status.value if hasattr(details.status, "value") else details.status),
+            message=details.message or "",
+            start_time=details.start_time / 1000 if details.start_time else None,
+            end_time=details.end_time / 1000 if details.end_time else None,
+            driver_exit_code=details.driver_exit_code,
+        )
+
+    def stop(self, ray_job_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL); False if it had already ended."""
+        try:
+            return bool(self._client.stop_job(ray_job_id))
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return False
+            raise
+
+    def logs(self, ray_job_id: str) -> str:
+        """The job's whole driver log so far ("" if Ray does not know the job)."""
+        try:
+            return self._client.get_job_logs(ray_job_id)
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return ""
+            raise
+
+    def tail_logs(
+        self, ray_job_id: str, *, stop: threading.Event | None = None, poll_s: float = 0.5
+    ) -> Iterator[str]:
+        """Yield log chunks as the job writes them; ends when the job ends or ``stop`` is set.
+
+        Ray's tail API is an async websocket stream; it is pumped on a private
+        event loop thread into a queue so callers can stay synchronous and stop
+        at any time.
+        """
+        chunks: queue.Queue[str | BaseException | None] = queue.Queue()
+        loop = asyncio.new_event_loop()
+
+        async def pump() -> None:
+            try:
+                async for chunk in self._client.tail_job_logs(ray_job_id):
+                    chunks.put(chunk)
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:
+                chunks.put(exc)
+            chunks.put(None)
+
+        task = loop.create_task(pump())
+        thread = threading.Thread(
+            target=loop.run_until_complete, args=(task,), name=f"tail-{ray_job_id}", daemon=True
+        )
+        thread.start()
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    item = chunks.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            thread.join(timeout=5)
+            if not thread.is_alive():
+                loop.close()
+
+    def cluster_resources(self) -> ClusterResources:
+        """CPU/GPU totals of the alive nodes, from the dashboard's state API."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        client = StateApiClient(
+            self.address, headers={"Content-Type": "application/json", **self._headers}
+        )
+        nodes = client.list(
+            StateResource.NODES,
+            options=ListApiOptions(detail=False),
+            raise_on_missing_output=False,
+        )
+        nodes = [n for n in nodes if n.state == "ALIVE"]
+        cpus = [float(n.resources_total.get("CPU", 0.0)) for n in nodes]
+        gpus = [float(n.resources_total.get("GPU", 0.0)) for n in nodes]
+        return ClusterResources(
+            total_cpus=sum(cpus),
+            total_gpus=sum(gpus),
+            max_node_cpus=max(cpus, default=0.0),
+            max_node_gpus=max(gpus, default=0.0),
+            num_nodes=len(nodes),
+        )
+
+
+# -- embedded local head -----------------------------------------------------
+
+
+@dataclass
+class LocalRay:
+    """A Ray head started by :func:`start_local_ray`."""
+
+    address: str  # dashboard URL, e.g. http://127.0.0.1:40123
+    token: str
+    temp_dir: Path
+    pid: int
+    reused: bool = False
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop this head and every process it started (never other Ray clusters)."""
+        try:
+            head = psutil.Process(self.pid)
+            procs = [head, *head.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        if procs:
+            # `ray start --block` stops its node's processes on SIGTERM.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs[0].send_signal(signal.SIGTERM)
+            _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+            for proc in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            (self.temp_dir / _STATE_FILE).unlink()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(address: str, token: str) -> bool:
+    try:
+        RayJobs(address, token=token)
+    except (ConnectionError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def _ready(address: str, token: str) -> bool:
+    """The dashboard answers and already lists the head node with its CPUs."""
+    try:
+        return RayJobs(address, token=token).cluster_resources().num_nodes > 0
+    except (ConnectionError, RuntimeError, OSError, ValueError):
+        return False
+
+
+def start_local_ray(
+    temp_dir: str | Path,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int = 512 * 1024**2,
+    timeout_s: float = 90.0,
+) -> LocalRay:
+    """Start (or re-attach to) a private local Ray head with its dashboard.
+
+    If ``temp_dir`` holds the state file of a head that is still alive (the
+    service crashed or was restarted), that head is reused, so jobs running on
+    it are not lost. Keep ``temp_dir`` short: Ray puts unix sockets under it
+    (paths are limited to ~100 bytes).
+
+    Returns:
+        The head; call :meth:`LocalRay.shutdown` to stop it.
+    """
+    temp_dir = Path(temp_dir).resolve()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    state_path = temp_dir / _STATE_FILE
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if psutil.pid_exists(state["pid"]) and _reachable(state["address"], state["token"]):
+            logger.info("re-attaching to the local Ray head at %s", state["address"])
+            return LocalRay(state["address"], state["token"], temp_dir, state["pid"], reused=True)
+        state_path.unlink()
+
+    token = secrets.token_hex(32)
+    token_path = temp_dir / _TOKEN_FILE
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats", f"--object-store-memory={object_store_memory}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    log = open(temp_dir / "head.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    log.close()
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    head = LocalRay(address, token, temp_dir, proc.pid)
+    deadline = time.monotonic() + timeout_s
+    while not _ready(address, token):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            head.shutdown(timeout_s=5)
+            tail = (temp_dir / "head.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"the local Ray head did not start within {timeout_s:.0f}s "
+                f"(exit code {proc.poll()}); its log ends with:\n{tail}"
+            )
+        time.sleep(0.5)
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": proc.pid, "address": address, "token": token}))
+    os.replace(tmp, state_path)
+    logger.info("started a local Ray head at %s (temp dir %s)", address, temp_dir)
+    return head

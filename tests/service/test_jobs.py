@@ -1,0 +1,210 @@
+"""JobManager against a real local Ray (Jobs API, dashboard, token auth).
+
+Jobs here run tiny real entrypoints (a Python one-liner chosen by the job's
+name) so the manager's lifecycle is tested in seconds; the end-to-end test
+with the real training runtime lives at the bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.errors import JobFinished, JobNotFound, PermissionDenied, Unschedulable
+from service.jobs import JobEvent, JobManager, JobState
+from service.ray_jobs import RayJobs
+from service.spec import JobSpec
+from service.store import JobStore
+
+pytestmark = pytest.mark.ray
+
+# Job name -> what the tiny entrypoint does.
+_SCRIPTS = {
+    "quick": "import time; print('hello from the job', flush=True); time.sleep(4)",
+    "sleepy": "import time; print('sleeping', flush=True); time.sleep(60)",
+    "medium": "import time; print('working', flush=True); time.sleep(8)",
+    "broken": (
+        "import sys; print('zerotrain: error: task raised ValueError: boom', file=sys.stderr);"
+        " sys.exit(3)"
+    ),
+}
+
+
+def tiny_entrypoint(job_id: str, spec_json: str, storage: Path) -> str:
+    script = _SCRIPTS[json.loads(spec_json)["name"]]
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+
+
+def make_spec(name: str, **scaling) -> JobSpec:
+    return JobSpec.from_dict(
+        {
+            "name": name,
+            "task": "digits",
+            "labels": {"suite": "jobs"},
+            "scaling": {"num_workers": 1, **scaling},
+            "training": {"max_steps": 4},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_jobs(ray_cluster: str) -> RayJobs:
+    return RayJobs(ray_cluster)
+
+
+@pytest.fixture
+def manager(tmp_path: Path, ray_jobs: RayJobs) -> Iterator[JobManager]:
+    m = JobManager(
+        JobStore(tmp_path / "jobs.db"),
+        ray_jobs,
+        data_dir=tmp_path,
+        reconcile_interval_s=0.2,
+        entrypoint_factory=tiny_entrypoint,
+    )
+    m.start()
+    yield m
+    m.stop()
+    m.store.close()
+
+
+def collect(manager: JobManager, job_id: str, after: int = 0, timeout: float = 60) -> list[JobEvent]:
+    """Watch until the terminal event (fails the test on timeout)."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        events = list(manager.watch(job_id, after, stop=stop))
+    finally:
+        timer.cancel()
+    assert not stop.is_set(), f"no terminal event within {timeout}s: {events}"
+    return events
+
+
+def wait_for_state(manager: JobManager, job_id: str, state: JobState, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while (record := manager.get(job_id)).state != state:
+        assert time.monotonic() < deadline, f"still {record.state}: {record.state_reason}"
+        time.sleep(0.1)
+    return record
+
+
+def test_lifecycle_with_ingested_metrics_and_logs(manager: JobManager):
+    record = manager.submit(make_spec("quick"), owner="alice")
+    assert record.state == JobState.PENDING and record.ray_job_id == record.job_id
+    wait_for_state(manager, record.job_id, JobState.RUNNING)
+    for step, final in ((2, False), (4, True)):
+        manager.ingest(
+            record.job_id,
+            {
+                "job_id": record.job_id, "attempt": 1, "step": step, "time": time.time(),
+                "loss": 1.0 / step, "final": final,
+                "checkpoint": {"step": step, "path": f"/ckpt/{step}"},
+            },
+        )  # fmt: skip
+
+    events = collect(manager, record.job_id)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert [(e.kind, e.state) for e in events] == [
+        ("state", JobState.PENDING),
+        ("state", JobState.RUNNING),
+        ("metrics", None),
+        ("metrics", None),
+        ("state", JobState.SUCCEEDED),
+    ]
+    assert [e.metrics["step"] for e in events if e.kind == "metrics"] == [2, 4]
+
+    done = manager.get(record.job_id)
+    assert done.state == JobState.SUCCEEDED and done.attempt == 1
+    assert done.started_at is not None and done.finished_at >= done.started_at
+    assert done.latest_metrics["final"] is True and done.latest_metrics["loss"] == 0.25
+    assert done.checkpoint.step == 4 and done.checkpoint.path == "/ckpt/4"
+    assert "hello from the job" in list(manager.logs(record.job_id))
+    assert "hello from the job" in list(manager.logs(record.job_id, follow=True))
+
+    # Resume from the middle: exactly the rest, then the stream ends.
+    assert collect(manager, record.job_id, after=3) == events[3:]
+    assert collect(manager, record.job_id, after=events[-1].sequence) == []
+
+
+def test_failure_reason_comes_from_the_log(manager: JobManager):
+    record = manager.submit(make_spec("broken"), owner="alice")
+    events = collect(manager, record.job_id)
+    assert events[-1].state == JobState.FAILED
+    failed = manager.get(record.job_id)
+    assert failed.state == JobState.FAILED
+    assert failed.state_reason.startswith("task raised ValueError: boom")
+    assert "exit code 3" in failed.state_reason  # Ray's message is kept too
+
+
+def test_cancel_running_job(manager: JobManager, ray_jobs: RayJobs):
+    record = manager.submit(make_spec("sleepy"), owner="alice")
+    wait_for_state(manager, record.job_id, JobState.RUNNING)
+    cancelling = manager.cancel(record.job_id)
+    assert cancelling.state in (JobState.CANCELLING, JobState.CANCELLED)
+    events = collect(manager, record.job_id, timeout=30)
+    states = [e.state for e in events if e.kind == "state"]
+    assert states == [JobState.PENDING, JobState.RUNNING, JobState.CANCELLING, JobState.CANCELLED]
+    assert ray_jobs.info(record.ray_job_id).status == "STOPPED"
+    with pytest.raises(JobFinished):
+        manager.cancel(record.job_id)
+    with pytest.raises(JobNotFound):
+        manager.cancel("j-does-not-exist")
+
+
+def test_refusals_change_nothing(manager: JobManager):
+    with pytest.raises(Unschedulable, match=r"3 workers x 1 CPUs = 3 CPUs.*has 2 CPUs"):
+        manager.submit(make_spec("quick", num_workers=3), owner="alice")
+    with pytest.raises(Unschedulable, match="cpus_per_worker"):
+        manager.submit(make_spec("quick", cpus_per_worker=4), owner="alice")
+    with pytest.raises(Unschedulable, match="no GPUs"):
+        manager.submit(make_spec("quick", use_gpu=True), owner="alice")
+    custom = JobSpec.from_dict({"name": "quick", "task": "mypkg.tasks:build"})
+    with pytest.raises(PermissionDenied, match="custom tasks"):
+        manager.submit(custom, owner="alice")
+    assert manager.list() == ([], "")
+
+
+def test_idempotent_submit_starts_one_job(manager: JobManager, ray_jobs: RayJobs):
+    first = manager.submit(make_spec("quick"), owner="bob", idempotency_key="k-1")
+    again = manager.submit(make_spec("quick"), owner="bob", idempotency_key="k-1")
+    other = manager.submit(make_spec("quick"), owner="carol", idempotency_key="k-1")
+    assert again.job_id == first.job_id and other.job_id != first.job_id
+    assert len(manager.list(owner="bob")[0]) == 1
+    for job_id in (first.job_id, other.job_id):
+        assert collect(manager, job_id)[-1].state == JobState.SUCCEEDED
+
+
+def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJobs):
+    def new_manager() -> JobManager:
+        return JobManager(
+            JobStore(tmp_path / "jobs.db"),
+            ray_jobs,
+            data_dir=tmp_path,
+            reconcile_interval_s=0.2,
+            entrypoint_factory=tiny_entrypoint,
+        )
+
+    first = new_manager()
+    first.start()
+    record = first.submit(make_spec("medium"), owner="alice")
+    wait_for_state(first, record.job_id, JobState.RUNNING)
+    first.stop()
+    first.store.close()
+
+    second = new_manager()
+    try:
+        second.start()
+        assert second.get(record.job_id).state == JobState.RUNNING
+        events = collect(second, record.job_id)
+        assert [e.state for e in events] == [JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED]
+        assert len(second.list()[0]) == 1
+    finally:
+        second.stop()
+        second.store.close()
