@@ -91,9 +91,10 @@ def load_tokens(path: str | Path) -> list[tuple[bytes, Principal]]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        # The parser's message may quote file content (a token): report only the position.
-        where = getattr(exc, "problem_mark", None) or getattr(exc, "lineno", None)
-        raise TokenFileError(f"tokens file {path}: not valid YAML/JSON (at {where})") from None
+        # The parser's message quotes file content (a token): report only the position.
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else getattr(exc, "lineno", "?")
+        raise TokenFileError(f"tokens file {path}: not valid YAML/JSON (line {line})") from None
     entries = data.get("tokens") if isinstance(data, Mapping) else None
     if not isinstance(entries, list) or not entries:
         raise TokenFileError(f"tokens file {path}: expected a non-empty list under 'tokens'")
