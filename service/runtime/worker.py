@@ -1,0 +1,321 @@
+"""The Ray Train worker loop: build the task, train with a ZeRO engine, checkpoint, report.
+
+Every rank runs :func:`train_loop_per_worker`. The data order is a function of
+the seed and the stream *position* (:mod:`service.runtime.data`), checkpoints
+hold the position, and model, optimizer and RNG state are restored from
+``ray.train.get_checkpoint()``, so a restarted worker group continues the
+exact trajectory of an uninterrupted run.
+
+``ray.train.report`` is called only with a checkpoint (every
+``checkpoint_every`` steps and at the end): in Train V2 each call synchronises
+the group through the controller. Progress goes through the reporter instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from service.runtime.data import SampleStream
+from service.runtime.engines import Engine, make_engine
+from service.runtime.reporter import Reporter, make_reporter
+from service.spec import JobSpec
+from service.tasks import get_task
+
+__all__ = ["CHECKPOINT_META", "train_loop_per_worker"]
+
+CHECKPOINT_META = "meta.json"
+"""Checkpoint file (rank 0) with step, stream position, world size and engine."""
+PHASES = ("data", "forward", "backward", "optimizer")
+"""Measured per step. Gradient communication overlaps backward and the optimizer step and
+is counted in those phases; ``communication`` appears only when an engine measures it."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Window:
+    """Accumulates what a metrics record averages over (the steps since the last record)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: ``config`` has ``spec`` (a JobSpec dict), ``job_id``, ``storage``
+    (the run's storage path or URI, for reporting checkpoint paths), ``allow_custom_tasks``
+    and optionally ``metrics_file``."""
+    import ray.train
+
+    from service.runtime.run_files import RunFiles
+
+    spec = JobSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(spec)
+
+    files = RunFiles.from_train_context()
+    attempt = _broadcast(files.next_attempt() if rank == 0 else None)
+    files.write_worker(attempt, rank, {"host": socket.gethostname(), "world_size": world})
+
+    task = get_task(spec.task, allow_custom=config.get("allow_custom_tasks", False)).build(
+        spec.task_args, seed=spec.training.seed
+    )
+    model = task.model.to(device)
+
+    step, position = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    meta: dict[str, Any] | None = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            meta = json.loads((Path(directory) / CHECKPOINT_META).read_text())
+            model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location=device))
+            engine = make_engine(model, spec, world_size=world)
+            _check_resumable(meta, spec, world)
+            engine.load(Path(directory))
+            _load_rng(Path(directory), rank, world, meta, spec)
+        step, position = meta["step"], meta["position"]
+    else:
+        engine = make_engine(model, spec, world_size=world)
+        torch.manual_seed(spec.training.seed * 1_000_003 + rank)
+
+    reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
+    if rank == 0:
+        log.info(
+            "job %s attempt %d: %s, %d workers, engine %s, resuming at step %d",
+            config["job_id"],
+            attempt,
+            spec.task,
+            world,
+            engine.name,
+            step,
+        )
+    try:
+        _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def _train(
+    spec: JobSpec,
+    config: dict[str, Any],
+    task: Any,
+    engine: Engine,
+    device: torch.device,
+    rank: int,
+    world: int,
+    attempt: int,
+    step: int,
+    position: int,
+    reporter: Reporter | None,
+) -> None:
+    training = spec.training
+    stream = SampleStream(len(task.train), training.seed)
+    batch, accum = training.batch_size, training.grad_accum_steps
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if training.precision == "bf16"
+        else nullcontext()
+    )
+    window = _Window()
+    engine.module.train()
+    while step < training.max_steps:
+        for micro in range(accum):
+            last = micro == accum - 1
+            t0 = time.perf_counter()
+            start = stream.micro_batch_start(
+                position, micro=micro, rank=rank, world_size=world, batch_size=batch
+            )
+            inputs, targets = task.train.batch(stream.indices(start, batch))
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
+            t1 = _tick(device)
+            with autocast:
+                loss = task.loss(engine.module(inputs), targets)
+            t2 = _tick(device)
+            engine.backward(loss, last=last)
+            t3 = _tick(device)
+            engine.optimizer_step(last=last)
+            t4 = _tick(device)
+            window.phases["data"] += t1 - t0
+            window.phases["forward"] += t2 - t1
+            window.phases["backward"] += t3 - t2
+            window.phases["optimizer"] += t4 - t3
+            window.loss_sum += loss.detach().float().item() / accum
+        step += 1
+        position += accum * world * batch
+        window.steps += 1
+
+        final = step == training.max_steps
+        saved = None
+        if final or (training.checkpoint_every and step % training.checkpoint_every == 0):
+            saved = _save_checkpoint(spec, config, engine, rank, world, step, position, attempt)
+        if final or saved is not None or step % training.metrics_every == 0:
+            record = _metrics_record(
+                spec, config, task, engine, window, rank, world, attempt, step, final
+            )
+            if reporter is not None:
+                if saved is not None:
+                    record["checkpoint"] = saved
+                reporter.emit(record)
+            window = _Window()
+
+
+def _metrics_record(
+    spec: JobSpec,
+    config: dict[str, Any],
+    task: Any,
+    engine: Engine,
+    window: _Window,
+    rank: int,
+    world: int,
+    attempt: int,
+    step: int,
+    final: bool,
+) -> dict[str, Any]:
+    """Build the record (collective: every rank calls this; only rank 0's result is used)."""
+    elapsed = time.perf_counter() - window.started
+    loss = torch.tensor([window.loss_sum], dtype=torch.float64)
+    state_bytes = torch.tensor([engine.state_bytes()], dtype=torch.int64)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(loss)
+        gathered = [torch.zeros_like(state_bytes) for _ in range(world)]
+        dist.all_gather(gathered, state_bytes)
+    else:
+        gathered = [state_bytes]
+    stats = engine.stats()
+    training = spec.training
+    samples = window.steps * training.grad_accum_steps * training.batch_size * world
+    record: dict[str, Any] = {
+        "job_id": config["job_id"],
+        "attempt": attempt,
+        "step": step,
+        "time": time.time(),
+        "rank": rank,
+        "world_size": world,
+        "loss": loss.item() / (world * max(window.steps, 1)),
+        "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
+        "lr": stats.get("lr", spec.optimizer.lr),
+        "phase_seconds": {p: window.phases.get(p, 0.0) / max(window.steps, 1) for p in PHASES},
+        "optimizer": {k: float(v) for k, v in stats.items() if math.isfinite(v)},
+        "state_bytes_per_rank": [int(t.item()) for t in gathered],
+        "final": final,
+    }
+    if rank == 0:
+        was_training = engine.model.training
+        engine.model.eval()
+        record.update(task.evaluate(engine.model))
+        engine.model.train(was_training)
+    return record
+
+
+def _save_checkpoint(
+    spec: JobSpec,
+    config: dict[str, Any],
+    engine: Engine,
+    rank: int,
+    world: int,
+    step: int,
+    position: int,
+    attempt: int,
+) -> dict[str, Any]:
+    """Write this rank's part into a local dir and report it; Train V2 merges the rank dirs."""
+    import ray.train
+
+    name = f"checkpoint_{step:08d}"
+    with tempfile.TemporaryDirectory(prefix=f"zt-{name}-") as tmp:
+        directory = Path(tmp)
+        engine.save(directory)
+        rng_dir = directory / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(_rng_state(), rng_dir / f"rank-{rank}.pt")
+        if rank == 0:
+            torch.save(engine.model.state_dict(), directory / "model.pt")
+            meta = {
+                "step": step,
+                "position": position,
+                "world_size": world,
+                "engine": engine.name,
+                "seed": spec.training.seed,
+                "job_id": config["job_id"],
+                "attempt": attempt,
+                "time": time.time(),
+            }
+            (directory / CHECKPOINT_META).write_text(json.dumps(meta))
+        ray.train.report(
+            {"step": step},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=name,
+        )
+    storage = str(config.get("storage", "")).rstrip("/")
+    return {"step": step, "path": f"{storage}/{name}" if storage else name, "time": time.time()}
+
+
+def _check_resumable(meta: dict[str, Any], spec: JobSpec, world: int) -> None:
+    if meta["engine"] != spec.sharding.engine:
+        raise RuntimeError(
+            f"checkpoint was written by engine {meta['engine']!r}; the spec asks for "
+            f"{spec.sharding.engine!r}"
+        )
+    if meta["engine"] == "deepspeed" and meta["world_size"] != world:
+        raise RuntimeError(
+            f"a DeepSpeed checkpoint saved with {meta['world_size']} workers cannot resume on "
+            f"{world}; use engine 'native' to change num_workers"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _load_rng(directory: Path, rank: int, world: int, meta: dict[str, Any], spec: JobSpec) -> None:
+    path = directory / "rng" / f"rank-{rank}.pt"
+    if meta["world_size"] == world and path.exists():
+        state = torch.load(path, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        return
+    # Another world size: derive a fresh, still deterministic, per-rank stream.
+    torch.manual_seed(spec.training.seed * 1_000_003 + rank + 7919 * meta["step"])
+
+
+def _device(spec: JobSpec) -> torch.device:
+    if spec.scaling.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _tick(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _broadcast(value: Any) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
