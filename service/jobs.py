@@ -89,14 +89,15 @@ class JobManager:
             arbitrary code on the cluster).
         ingest_address: ``host:port`` workers push metrics records to
             (``ZEROTRAIN_INGEST_ADDRESS``); ``None``: stdout only.
-        ingest_token: bearer token the workers use for the ingestion rpc.
+        ingest_token: bearer token the workers use for the ingestion rpc, or
+            a function of the job id giving a per-job token.
         metrics: Prometheus metrics to keep up to date.
         reconcile_interval_s: how often the store is brought in step with Ray.
         entrypoint_factory: builds a job's command; defaults to the runtime
             entry point (tests substitute a tiny command).
-        final_metrics_grace_s: after Ray reports success, how long to wait for
-            the ``"final": true`` metrics record before marking the job
-            SUCCEEDED, so the final record precedes the terminal event.
+        final_metrics_grace_s: after Ray reports success of a job that sent
+            metrics, how long to wait for its ``"final": true`` record before
+            marking it SUCCEEDED, so the final record precedes the terminal event.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class JobManager:
         data_dir: Path,
         allow_custom_tasks: bool = False,
         ingest_address: str | None = None,
-        ingest_token: str | None = None,
+        ingest_token: str | Callable[[str], str] | None = None,
         metrics: ServiceMetrics | None = None,
         reconcile_interval_s: float = 1.0,
         entrypoint_factory: EntrypointFactory | None = None,
@@ -124,7 +125,7 @@ class JobManager:
         self.reconcile_interval_s = reconcile_interval_s
         self.final_metrics_grace_s = final_metrics_grace_s
         self.reconciliation_errors = 0
-        self._entrypoint = entrypoint_factory or runtime_entrypoint
+        self._entrypoint = entrypoint_factory or self._runtime_entrypoint
         self._clock = clock
         self._write_lock = threading.RLock()
         self._changed = threading.Condition()
@@ -454,7 +455,8 @@ class JobManager:
         if self.ingest_address:
             env["ZEROTRAIN_INGEST_ADDRESS"] = self.ingest_address
         if self.ingest_token:
-            env["ZEROTRAIN_INGEST_TOKEN"] = self.ingest_token
+            token = self.ingest_token
+            env["ZEROTRAIN_INGEST_TOKEN"] = token(job_id) if callable(token) else token
         spec_json = json.dumps(record.spec.to_dict(), separators=(",", ":"), sort_keys=True)
         entrypoint = self._entrypoint(job_id, spec_json, self.data_dir / "runs")
         try:
@@ -483,6 +485,11 @@ class JobManager:
             updated, _ = self.store.update_job(job_id, now=self._clock(), ray_job_id=ray_job_id)
         if updated.state == JobState.CANCELLING:  # cancelled while we were submitting
             self._stop_in_ray(updated)
+
+    def _runtime_entrypoint(self, job_id: str, spec_json: str, storage: Path) -> str:
+        return runtime_entrypoint(
+            job_id, spec_json, storage, allow_custom_tasks=self.allow_custom_tasks
+        )
 
     def _stop_in_ray(self, record: JobRecord) -> None:
         assert record.ray_job_id is not None
@@ -586,8 +593,14 @@ class JobManager:
         )
 
     def _final_metrics_arrived(self, record: JobRecord) -> bool:
-        """Whether to mark a job Ray reports as succeeded SUCCEEDED now."""
-        if not self.ingest_address or (record.latest_metrics or {}).get("final"):
+        """Whether to mark a job Ray reports as succeeded SUCCEEDED now.
+
+        Workers push their last metrics record just before the job exits; if
+        the job sent metrics but not yet the ``final`` one, wait a little so
+        that record lands before the terminal event, not after it.
+        """
+        latest = record.latest_metrics
+        if latest is None or latest.get("final"):
             return True
         first = self._succeeded_seen.setdefault(record.job_id, self._clock())
         return self._clock() - first >= self.final_metrics_grace_s

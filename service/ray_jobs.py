@@ -77,22 +77,17 @@ class ClusterResources:
     num_nodes: int
 
 
-def runtime_entrypoint(job_id: str, spec_json: str, storage: str | Path) -> str:
+def runtime_entrypoint(
+    job_id: str, spec_json: str, storage: str | Path, *, allow_custom_tasks: bool = False
+) -> str:
     """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``)."""
-    return " ".join(
-        shlex.quote(part)
-        for part in (
-            sys.executable,
-            "-m",
-            "service.runtime",
-            "--spec-json",
-            spec_json,
-            "--job-id",
-            job_id,
-            "--storage",
-            str(storage),
-        )
-    )
+    parts = [
+        sys.executable, "-m", "service.runtime", "--spec-json", spec_json,
+        "--job-id", job_id, "--storage", str(storage),
+    ]  # fmt: skip
+    if allow_custom_tasks:
+        parts.append("--allow-custom-tasks")
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 def _resolve_token(token: str | None) -> str | None:
@@ -274,24 +269,34 @@ class LocalRay:
     pid: int
     reused: bool = False
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop this head and every process it started (never other Ray clusters)."""
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Stop this head and every process it started (never other Ray clusters).
+
+        ``ray start --block`` stops its node's processes on SIGTERM; whatever
+        is left after ``timeout_s`` (idle workers, agents) gets SIGTERM, then
+        SIGKILL. The process tree is taken before anything is signalled.
+        """
         try:
             head = psutil.Process(self.pid)
             procs = [head, *head.children(recursive=True)]
         except psutil.NoSuchProcess:
             procs = []
         if procs:
-            # `ray start --block` stops its node's processes on SIGTERM.
-            with contextlib.suppress(psutil.NoSuchProcess):
-                procs[0].send_signal(signal.SIGTERM)
-            _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-            for proc in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
+            _signal(procs[:1], signal.SIGTERM)
+            psutil.wait_procs(procs[:1], timeout=timeout_s)
+            _, alive = psutil.wait_procs(procs, timeout=1)
+            _signal(alive, signal.SIGTERM)
+            _, alive = psutil.wait_procs(alive, timeout=3)
+            _signal(alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=5)
         with contextlib.suppress(FileNotFoundError):
             (self.temp_dir / _STATE_FILE).unlink()
+
+
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
 
 
 def _free_port() -> int:
@@ -393,8 +398,11 @@ def start_local_ray(
                 f"(exit code {proc.poll()}); its log ends with:\n{tail}"
             )
         time.sleep(0.5)
+    # Written atomically, owner-only: it holds the token.
     tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": proc.pid, "address": address, "token": token}))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": proc.pid, "address": address, "token": token}, f)
     os.replace(tmp, state_path)
     logger.info("started a local Ray head at %s (temp dir %s)", address, temp_dir)
     return head

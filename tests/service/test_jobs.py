@@ -208,3 +208,47 @@ def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJ
     finally:
         second.stop()
         second.store.close()
+
+
+def test_real_runtime_job_end_to_end(tmp_path: Path, ray_jobs: RayJobs):
+    """The real `python -m service.runtime` digits job, 2 workers, through the manager.
+
+    No gRPC server here: the test plays the ingestion rpc by following the
+    job's log and handing each ``ZEROTRAIN_METRICS`` record to ``ingest()``.
+    """
+    manager = JobManager(
+        JobStore(tmp_path / "jobs.db"), ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.5
+    )
+    manager.start()
+    try:
+        spec = JobSpec.from_dict(
+            {
+                "name": "digits-e2e",
+                "task": "digits",
+                "scaling": {"num_workers": 2},
+                "training": {
+                    "max_steps": 6, "batch_size": 16, "metrics_every": 2, "checkpoint_every": 3,
+                },
+            }
+        )  # fmt: skip
+        record = manager.submit(spec, owner="alice")
+        marker = "ZEROTRAIN_METRICS "
+        for line in manager.logs(record.job_id, follow=True):
+            if marker in line:
+                manager.ingest(record.job_id, json.loads(line.split(marker, 1)[1]))
+        events = collect(manager, record.job_id, timeout=180)
+        done = manager.get(record.job_id)
+        assert done.state == JobState.SUCCEEDED, done.state_reason
+        assert [e.state for e in events if e.kind == "state"] == [
+            JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED,
+        ]  # fmt: skip
+        metrics = [e.metrics for e in events if e.kind == "metrics"]
+        assert [m["step"] for m in metrics] == [2, 3, 4, 6]  # every 2 steps + the checkpoint at 3
+        assert metrics[-1]["final"] is True and events[-2].kind == "metrics"
+        assert all(m["world_size"] == 2 and m["loss"] > 0 for m in metrics)
+        assert done.attempt == 1 and done.latest_metrics == metrics[-1]
+        assert done.checkpoint is not None and done.checkpoint.step == 6
+        assert str(tmp_path / "runs") in done.checkpoint.path
+    finally:
+        manager.stop()
+        manager.store.close()
