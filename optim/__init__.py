@@ -5,5 +5,6 @@
 
 from optim.adamax import Adamax
 from optim.nadam import Nadam
+from optim.zero import ZeroOptimizer
 
-__all__ = ["Adamax", "Nadam"]
+__all__ = ["Adamax", "Nadam", "ZeroOptimizer"]

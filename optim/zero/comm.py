@@ -1,0 +1,113 @@
+"""Collectives used by ZeroOptimizer, with a no-op path for a single process.
+
+Every function here is a collective over ``group``: all ranks must call it in
+the same order with tensors of the same sizes. ``group=None`` together with
+``world_size == 1`` means "no process group" and nothing is communicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Communicator",
+]
+
+
+class _Done:
+    """Handle of an operation that completed synchronously."""
+
+    def wait(self) -> bool:
+        return True
+
+
+@dataclass
+class Communicator:
+    """Thin wrapper over a process group (or none) with this rank's coordinates."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup | None) -> Communicator:
+        """Use ``group`` (``None``: the default group if one is initialised, else none)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if group is not None:
+                raise ValueError("process_group was given but torch.distributed is not initialised")
+            return cls(None, 0, 1)
+        world_size = dist.get_world_size(group)
+        if world_size == 1:
+            return cls(None, 0, 1)
+        return cls(group, dist.get_rank(group), world_size)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend(self.group)) if self.distributed else "none"
+
+    def reduce_bucket(self, full: torch.Tensor, piece_out: torch.Tensor | None):
+        """Sum ``full`` over ranks (async).
+
+        With ``piece_out`` (reduce-scatter), this rank's piece of the sum is written
+        there and ``full`` is left as scratch; without it (all-reduce), ``full`` is
+        summed in place.
+        """
+        if not self.distributed:
+            if piece_out is not None:
+                piece_out.copy_(full)
+            return _Done()
+        if piece_out is not None:
+            return dist.reduce_scatter_single(piece_out, full, group=self.group, async_op=True)
+        return dist.all_reduce(full, group=self.group, async_op=True)
+
+    def gather_bucket(self, full: torch.Tensor, piece: torch.Tensor):
+        """All-gather every rank's ``piece`` into ``full`` (async).
+
+        ``piece`` may be this rank's own view inside ``full`` (in place).
+        """
+        if not self.distributed:
+            if piece.data_ptr() != full.data_ptr():
+                full.copy_(piece)
+            return _Done()
+        return dist.all_gather_single(full, piece, group=self.group, async_op=True)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over ranks, in place, synchronously."""
+        if self.distributed:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather_small(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Stack a small 1-D tensor from every rank: shape ``(world_size, n)``."""
+        if not self.distributed:
+            return tensor.unsqueeze(0)
+        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        dist.all_gather_single(out, tensor.contiguous(), group=self.group)
+        return out.view(self.world_size, -1)
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Gather a picklable object from every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """Broadcast a picklable object from group rank ``src``."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group_src=src, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)

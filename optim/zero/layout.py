@@ -1,0 +1,205 @@
+"""Flat-buffer layout: where every parameter lives and which elements each rank owns.
+
+Trainable parameters are packed, in optimizer order, into one contiguous flat
+buffer per ``(dtype, device)``. Each flat buffer is cut into buckets of whole
+parameters (about ``bucket_numel`` elements; a larger parameter gets a bucket of
+its own), and every bucket is padded to a multiple of ``world_size * align`` and
+cut into ``world_size`` equal pieces: rank ``r`` owns piece ``r`` of every bucket
+(the Megatron-LM distributed-optimizer layout). A bucket is thus the unit of
+both gradient reduction (all-reduce or reduce-scatter) and parameter all-gather,
+each rank owns ``ceil(P / N)`` elements plus at most ``align`` padding per
+bucket, and a parameter may straddle ranks.
+
+A rank's *shard* of a flat buffer is the concatenation of its pieces, bucket
+by bucket: optimizer state tensors are flat tensors of that size.
+
+Checkpoints address elements by *logical* offset: the offset in the
+concatenation of all trainable parameters in optimizer order. It is
+independent of world size, bucketing and padding, which is what lets a
+checkpoint saved at N ranks load at M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Bucket", "FlatBuffer", "Layout", "Segment", "Slot", "build_layout"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One trainable parameter inside a flat buffer."""
+
+    index: int  # position in optimizer order (the torch state-dict index)
+    group: int  # param-group index
+    buffer: int  # flat-buffer index
+    bucket: int  # bucket id (global over buffers)
+    start: int  # element offset in the flat buffer
+    numel: int
+    logical_start: int  # element offset in the logical (checkpoint) space
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A padded range ``[start, end)`` of a flat buffer, reduced and gathered as one."""
+
+    id: int
+    buffer: int
+    start: int
+    end: int
+    slots: tuple[int, ...]  # indices into Layout.slots
+    piece_numel: int  # (end - start) // world_size
+    shard_offset: int  # offset of every rank's piece inside that rank's shard
+
+    def piece(self, rank: int) -> tuple[int, int]:
+        """Flat-buffer range ``[lo, hi)`` owned by ``rank``."""
+        lo = self.start + rank * self.piece_numel
+        return lo, lo + self.piece_numel
+
+
+@dataclass
+class FlatBuffer:
+    """Metadata of one flat buffer (one per dtype and device)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    numel: int = 0  # padded total
+    slots: list[int] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=list)
+    shard_numel: int = 0  # elements each rank owns (sum of its pieces)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of one parameter that falls inside one rank's piece of a bucket."""
+
+    slot: int
+    bucket: int
+    buffer: int
+    flat_lo: int  # flat-buffer range [flat_lo, flat_hi)
+    flat_hi: int
+    shard_lo: int  # offset of flat_lo inside the rank's shard of the buffer
+
+    @property
+    def numel(self) -> int:
+        return self.flat_hi - self.flat_lo
+
+
+@dataclass
+class Layout:
+    """Complete sharding layout for one world size."""
+
+    world_size: int
+    buffers: list[FlatBuffer]
+    buckets: list[Bucket]
+    slots: list[Slot]
+    logical_numel: int
+
+    def segments(self, rank: int) -> list[Segment]:
+        """Every (parameter ∩ piece) owned by ``rank``, in buffer/bucket/flat order."""
+        out: list[Segment] = []
+        for buf in self.buffers:
+            for b in buf.buckets:
+                bucket = self.buckets[b]
+                lo, hi = bucket.piece(rank)
+                for s in bucket.slots:
+                    slot = self.slots[s]
+                    a, z = max(lo, slot.start), min(hi, slot.start + slot.numel)
+                    if a < z:
+                        out.append(
+                            Segment(s, b, slot.buffer, a, z, bucket.shard_offset + a - lo)
+                        )
+        return out
+
+    def logical_runs(self, rank: int) -> list[tuple[int, int, int, int]]:
+        """``(buffer, shard_lo, logical_lo, logical_hi)`` for each segment of ``rank``."""
+        runs = []
+        for seg in self.segments(rank):
+            slot = self.slots[seg.slot]
+            lo = slot.logical_start + seg.flat_lo - slot.start
+            runs.append((seg.buffer, seg.shard_lo, lo, lo + seg.numel))
+        return runs
+
+
+def build_layout(
+    group_params: list[list[torch.Tensor]],
+    *,
+    world_size: int,
+    bucket_numel: int,
+    align: int = 32,
+) -> Layout:
+    """Lay out the trainable tensors of ``group_params`` (a list per param group).
+
+    ``bucket_numel`` is the target bucket size in elements; ``align`` is the
+    granularity every rank's piece is padded to (in elements).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if bucket_numel < 1:
+        raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
+    buffers: list[FlatBuffer] = []
+    by_key: dict[tuple[torch.dtype, torch.device], int] = {}
+    # First pass: assign slots to buffers in optimizer order.
+    pending: list[tuple[int, int, int, torch.Tensor, int]] = []  # index, group, buffer, p, logical
+    index = logical = 0
+    for g, params in enumerate(group_params):
+        for p in params:
+            if p.requires_grad:
+                key = (p.dtype, p.device)
+                if key not in by_key:
+                    by_key[key] = len(buffers)
+                    buffers.append(FlatBuffer(p.dtype, p.device))
+                pending.append((index, g, by_key[key], p, logical))
+                logical += p.numel()
+            index += 1
+
+    slots: list[Slot] = []
+    buckets: list[Bucket] = []
+    quantum = world_size * align
+    for b_idx, buf in enumerate(buffers):
+        members = [item for item in pending if item[2] == b_idx]
+        offset = 0
+        current: list[tuple[int, int, int, torch.Tensor, int]] = []
+        current_numel = 0
+
+        def close(
+            items: list[tuple[int, int, int, torch.Tensor, int]],
+            numel: int,
+            start: int,
+            buf: FlatBuffer = buf,
+            b_idx: int = b_idx,
+        ) -> int:
+            padded = -(-numel // quantum) * quantum
+            bucket_id = len(buckets)
+            slot_ids = []
+            cursor = start
+            for index_, g_, _, p_, logical_ in items:
+                slot_ids.append(len(slots))
+                buf.slots.append(len(slots))
+                slots.append(
+                    Slot(index_, g_, b_idx, bucket_id, cursor, p_.numel(), logical_, tuple(p_.shape))
+                )
+                cursor += p_.numel()
+            piece = padded // world_size
+            buckets.append(
+                Bucket(bucket_id, b_idx, start, start + padded, tuple(slot_ids), piece, buf.shard_numel)
+            )
+            buf.buckets.append(bucket_id)
+            buf.shard_numel += piece
+            return start + padded
+
+        for item in members:
+            n = item[3].numel()
+            if current and current_numel + n > bucket_numel:
+                offset = close(current, current_numel, offset)
+                current, current_numel = [], 0
+            current.append(item)
+            current_numel += n
+        if current:
+            offset = close(current, current_numel, offset)
+        buf.numel = offset
+    # Keep slots ordered by optimizer index for lookups by index.
+    return Layout(world_size, buffers, buckets, slots, logical)

@@ -1,0 +1,36 @@
+"""Spawn a gloo process group on CPU and run a test function on every rank."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; re-raise failures."""
+    with tempfile.TemporaryDirectory(prefix="zero-store-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, store_path, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
