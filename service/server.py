@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import os
 import socket
 import tempfile
 from concurrent import futures
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, AuthInterceptor
+from service.auth import Authenticator, AuthInterceptor, new_ingest_secret
 from service.config import ServerConfig
 from service.servicer import JobServicer
 
@@ -209,17 +210,19 @@ class Service:
         from service.store import JobStore
 
         config = self.config
+        data_dir = Path(config.data_dir).expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
         if config.insecure_no_auth:
             auth = Authenticator(None)
         else:
             assert config.tokens_file is not None  # ServerConfig guarantees it
-            auth = Authenticator.from_file(config.tokens_file)
+            # The ingest secret outlives restarts: running jobs keep valid tokens.
+            secret = _load_or_create_secret(data_dir / "ingest.secret")
+            auth = Authenticator.from_file(config.tokens_file, ingest_secret=secret)
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
 
-        data_dir = Path(config.data_dir).expanduser().resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(data_dir / "jobs.db")
         self._closers.append(store.close)
 
@@ -285,3 +288,21 @@ def _advertised(listen: str, port: int) -> str:
     if host.strip("[]") in {"0.0.0.0", "::", ""}:
         host = socket.gethostname()  # a wildcard bind: the machine's name
     return f"{host}:{port}"
+
+
+def _load_or_create_secret(path: Path) -> bytes:
+    """Read the 32-byte secret at ``path``, creating it (mode 0600, atomically) if missing."""
+    if path.exists():
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise ValueError(f"{path}: corrupt ingest secret (expected 32 bytes); delete it")
+        return secret
+    secret = new_ingest_secret()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return secret
