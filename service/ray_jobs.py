@@ -269,7 +269,7 @@ class LocalRay:
     pid: int
     reused: bool = False
 
-    def shutdown(self, timeout_s: float = 15.0) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop this head and every process it started (never other Ray clusters).
 
         ``ray start --block`` stops its node's processes on SIGTERM; whatever

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import JobFinished, JobNotFound, PermissionDenied, Unschedulable
-from service.jobs import JobEvent, JobManager, JobState
-from service.ray_jobs import RayJobs
+from service.jobs import JobEvent, JobManager, JobRecord, JobState
+from service.ray_jobs import LocalRay, RayJobs, start_local_ray
 from service.spec import JobSpec
 from service.store import JobStore
 
@@ -208,6 +208,36 @@ def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJ
     finally:
         second.stop()
         second.store.close()
+
+
+def test_start_submits_a_job_accepted_before_a_crash(tmp_path: Path, ray_jobs: RayJobs):
+    """The service stored a job, then died before handing it to Ray: start() submits it."""
+    store = JobStore(tmp_path / "jobs.db")
+    accepted = JobRecord(
+        job_id="j-crashed-before-submit", owner="alice", spec=make_spec("quick"),
+        state=JobState.PENDING, state_reason="accepted", created_at=time.time(),
+        updated_at=time.time(), started_at=None, finished_at=None, attempt=0,
+        latest_metrics=None, checkpoint=None, idempotency_key=None, ray_job_id=None,
+    )  # fmt: skip
+    store.create_job(accepted)
+    manager = JobManager(
+        store, ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
+        entrypoint_factory=tiny_entrypoint,
+    )  # fmt: skip
+    try:
+        manager.start()
+        assert manager.get(accepted.job_id).ray_job_id == accepted.job_id
+        assert collect(manager, accepted.job_id)[-1].state == JobState.SUCCEEDED
+    finally:
+        manager.stop()
+        store.close()
+
+
+def test_local_head_is_reused_after_a_service_restart(ray_head: LocalRay):
+    """A restarted service finds the head it left running via the state file."""
+    again = start_local_ray(ray_head.temp_dir)
+    assert again.reused and (again.address, again.pid) == (ray_head.address, ray_head.pid)
+    assert RayJobs(again.address, token=again.token).cluster_resources().total_cpus == 2
 
 
 def test_real_runtime_job_end_to_end(tmp_path: Path, ray_jobs: RayJobs):
