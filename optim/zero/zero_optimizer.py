@@ -405,7 +405,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         device = self._flat[0].device if self._flat else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in grad_pieces:
-            sq += torch.linalg.vector_norm(g, dtype=torch.float32).double().square()
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            sq += torch.linalg.vector_norm(g, dtype=dtype).double().square()
         flags = torch.tensor(self._has_local_grad, dtype=torch.float64, device=device)
         packed = self.comm.all_reduce_sum(torch.cat([sq.reshape(1), flags]))
         values = packed.tolist()
