@@ -41,9 +41,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/zerotrain
 USER 10001:10001
 VOLUME ["/data"]
+# Mount the API tokens file at /etc/zerotrain/tokens.yaml (format: service/auth.py).
 # gRPC API, Prometheus /metrics
 EXPOSE 50051 9464
 HEALTHCHECK --interval=15s --timeout=6s --start-period=60s --retries=3 \
     CMD ["python", "-m", "service.health", "--timeout", "5"]
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["serve", "--address", "0.0.0.0:50051", "--metrics-port", "9464", "--data-dir", "/data"]
+CMD ["serve", "--address=0.0.0.0:50051", "--metrics-port=9464", "--data-dir=/data", \
+     "--tokens-file=/etc/zerotrain/tokens.yaml"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "build_configmap",
     "build_dashboard",
     "build_prometheus_rule",
+    "dashboard_queries",
     "render",
 ]
 
@@ -41,7 +43,7 @@ PROMETHEUS_RULE_PATH = DEPLOY / "k8s" / "prometheusrule.yaml"
 
 DASHBOARD_UID = "zerotrain-overview"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-J = '{job=~"$job"}'  # the job selector variable, applied to every training query
+J = '{job_id=~"$job"}'  # the job selector variable, applied to every training query
 
 # (title, kind, unit, [(expr, legend)], width). kind: "timeseries" | "stat" | "stacked".
 ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] = [
@@ -116,31 +118,31 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
     (
         "Jobs",
         [
-            ("Step", "stat", "none", [(f"zerotrain_training_step{J}", "{{job}}")], 6),
+            ("Step", "stat", "none", [(f"zerotrain_training_step{J}", "{{job_id}}")], 6),
             (
                 "Attempt and restarts",
                 "stat",
                 "none",
                 [
-                    (f"zerotrain_training_attempt{J}", "{{job}} attempt"),
-                    (f"zerotrain_training_restarts_total{J}", "{{job}} restarts"),
+                    (f"zerotrain_training_attempt{J}", "{{job_id}} attempt"),
+                    (f"zerotrain_training_restarts_total{J}", "{{job_id}} restarts"),
                 ],
                 6,
             ),
-            ("Workers", "stat", "none", [(f"zerotrain_training_world_size{J}", "{{job}}")], 6),
+            ("Workers", "stat", "none", [(f"zerotrain_training_world_size{J}", "{{job_id}}")], 6),
             (
                 "Active (1) / finished (0)",
                 "stat",
                 "none",
-                [(f"zerotrain_training_active{J}", "{{job}}")],
+                [(f"zerotrain_training_active{J}", "{{job_id}}")],
                 6,
             ),
-            ("Loss", "timeseries", "none", [(f"zerotrain_training_loss{J}", "{{job}}")], 12),
+            ("Loss", "timeseries", "none", [(f"zerotrain_training_loss{J}", "{{job_id}}")], 12),
             (
                 "Accuracy",
                 "timeseries",
                 "percentunit",
-                [(f"zerotrain_training_accuracy_ratio{J}", "{{job}}")],
+                [(f"zerotrain_training_accuracy_ratio{J}", "{{job_id}}")],
                 12,
             ),
             (
@@ -148,10 +150,10 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "timeseries",
                 "none",
                 [
-                    (f"zerotrain_training_samples_per_second{J}", "{{job}} samples/s"),
+                    (f"zerotrain_training_samples_per_second{J}", "{{job_id}} samples/s"),
                     (
                         f"rate(zerotrain_training_steps_total{J}[$__rate_interval])",
-                        "{{job}} steps/s",
+                        "{{job_id}} steps/s",
                     ),
                 ],
                 12,
@@ -160,21 +162,21 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "Step time",
                 "timeseries",
                 "s",
-                [(f"zerotrain_training_step_seconds{J}", "{{job}}")],
+                [(f"zerotrain_training_step_seconds{J}", "{{job_id}}")],
                 8,
             ),
             (
                 "Seconds since the step last advanced",
                 "stat",
                 "s",
-                [(f"time() - zerotrain_training_last_progress_timestamp_seconds{J}", "{{job}}")],
+                [(f"time() - zerotrain_training_last_progress_timestamp_seconds{J}", "{{job_id}}")],
                 4,
             ),
             (
                 "Step time by phase",
                 "stacked",
                 "s",
-                [(f"zerotrain_training_phase_seconds{J}", "{{job}} {{phase}}")],
+                [(f"zerotrain_training_phase_seconds{J}", "{{job_id}} {{phase}}")],
                 24,
             ),
         ],
@@ -186,21 +188,21 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "Global grad norm",
                 "timeseries",
                 "none",
-                [(f"zerotrain_training_grad_norm{J}", "{{job}}")],
+                [(f"zerotrain_training_grad_norm{J}", "{{job_id}}")],
                 8,
             ),
             (
                 "Update / parameter norm ratio",
                 "timeseries",
                 "none",
-                [(f"zerotrain_training_update_param_ratio{J}", "{{job}}")],
+                [(f"zerotrain_training_update_param_ratio{J}", "{{job_id}}")],
                 8,
             ),
             (
                 "Learning rate",
                 "timeseries",
                 "none",
-                [(f"zerotrain_training_learning_rate{J}", "{{job}}")],
+                [(f"zerotrain_training_learning_rate{J}", "{{job_id}}")],
                 8,
             ),
             (
@@ -208,8 +210,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "timeseries",
                 "none",
                 [
-                    (f"zerotrain_training_param_norm{J}", "{{job}} params"),
-                    (f"zerotrain_training_update_norm{J}", "{{job}} update"),
+                    (f"zerotrain_training_param_norm{J}", "{{job_id}} params"),
+                    (f"zerotrain_training_update_norm{J}", "{{job_id}} update"),
                 ],
                 8,
             ),
@@ -217,14 +219,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "Optimizer-state bytes per rank",
                 "timeseries",
                 "bytes",
-                [(f"zerotrain_training_optimizer_state_bytes{J}", "{{job}} rank {{rank}}")],
+                [(f"zerotrain_training_optimizer_state_bytes{J}", "{{job_id}} rank {{rank}}")],
                 8,
             ),
             (
                 "Skipped non-finite steps",
                 "timeseries",
                 "none",
-                [(f"zerotrain_training_skipped_steps_total{J}", "{{job}}")],
+                [(f"zerotrain_training_skipped_steps_total{J}", "{{job_id}}")],
                 8,
             ),
         ],
@@ -237,8 +239,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "timeseries",
                 "none",
                 [
-                    (f"zerotrain_adamax_u_max{J}", "{{job}} max"),
-                    (f"zerotrain_adamax_u_mean{J}", "{{job}} mean"),
+                    (f"zerotrain_adamax_u_max{J}", "{{job_id}} max"),
+                    (f"zerotrain_adamax_u_mean{J}", "{{job_id}} mean"),
                 ],
                 12,
             ),
@@ -246,7 +248,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "Fraction of u refreshed by |g|",
                 "timeseries",
                 "percentunit",
-                [(f"zerotrain_adamax_u_refreshed_ratio{J}", "{{job}}")],
+                [(f"zerotrain_adamax_u_refreshed_ratio{J}", "{{job_id}}")],
                 12,
             ),
         ],
@@ -259,8 +261,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "timeseries",
                 "none",
                 [
-                    (f"zerotrain_nadam_mu_t{J}", "{{job}} mu_t"),
-                    (f"zerotrain_nadam_mu_product{J}", "{{job}} mu_product"),
+                    (f"zerotrain_nadam_mu_t{J}", "{{job_id}} mu_t"),
+                    (f"zerotrain_nadam_mu_product{J}", "{{job_id}} mu_product"),
                 ],
                 8,
             ),
@@ -269,8 +271,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "timeseries",
                 "none",
                 [
-                    (f"zerotrain_nadam_bias_correction1{J}", "{{job}} bias_correction1"),
-                    (f"zerotrain_nadam_bias_correction2{J}", "{{job}} bias_correction2"),
+                    (f"zerotrain_nadam_bias_correction1{J}", "{{job_id}} bias_correction1"),
+                    (f"zerotrain_nadam_bias_correction2{J}", "{{job_id}} bias_correction2"),
                 ],
                 8,
             ),
@@ -278,7 +280,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], int]]]] =
                 "mean sqrt(v_hat)",
                 "timeseries",
                 "none",
-                [(f"zerotrain_nadam_sqrt_v_hat_mean{J}", "{{job}}")],
+                [(f"zerotrain_nadam_sqrt_v_hat_mean{J}", "{{job_id}}")],
                 8,
             ),
         ],
@@ -367,10 +369,10 @@ def build_dashboard() -> dict:
                     "type": "query",
                     "datasource": DS,
                     "query": {
-                        "query": "label_values(zerotrain_training_step, job)",
+                        "query": "label_values(zerotrain_training_step, job_id)",
                         "refId": "jobs",
                     },
-                    "definition": "label_values(zerotrain_training_step, job)",
+                    "definition": "label_values(zerotrain_training_step, job_id)",
                     "refresh": 2,
                     "multi": True,
                     "includeAll": True,
@@ -442,6 +444,41 @@ def _block_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 
 _BlockDumper.add_representer(str, _block_str)
+
+
+def dashboard_queries(
+    path: Path = DASHBOARD_PATH, *, rate_interval: str = "1m", job: str = ".*"
+) -> list[tuple[str, str]]:
+    """(where, PromQL) for every query of a dashboard file, as Grafana would send it.
+
+    Grafana's variables are substituted (``$__rate_interval``, ``$__interval``,
+    ``$__range``, ``$job``), and a ``label_values(X, label)`` variable query
+    becomes its selector ``X``. An unknown variable raises :class:`ValueError`.
+    """
+    variables = {"$__rate_interval": rate_interval, "$__interval": "15s", "$__range": "1h",
+                 "$job": job}  # fmt: skip
+
+    def to_promql(where: str, expr: str) -> str:
+        match = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip())
+        if match:
+            expr = match.group(1)
+        for name, value in variables.items():
+            expr = expr.replace(name, value)
+        if "$" in expr:
+            raise ValueError(f"{where}: unknown Grafana variable in {expr!r}")
+        return expr
+
+    dashboard = json.loads(path.read_text())
+    out = []
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            where = f"variable {variable['name']}"
+            out.append((where, to_promql(where, variable["definition"])))
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            where = f"panel {panel['title']!r} {target['refId']}"
+            out.append((where, to_promql(where, target["expr"])))
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -11,8 +11,10 @@ Two kinds of series live in one :class:`ServiceMetrics` registry:
   Nadam internals, and the optimizer-state bytes held by each rank.
 
 Conventions: base units (``_seconds``, ``_bytes``, ratios in 0..1), ``_total``
-on counters, and labels of bounded cardinality only (``job``, ``rank``,
-``method``, ``code``, ``state``, ``phase``; never a parameter name). The
+on counters, and labels of bounded cardinality only (``job_id``, ``rank``,
+``method``, ``code``, ``state``, ``phase``; never a parameter name). The job's
+label is ``job_id``, not ``job``: Prometheus owns ``job`` (the scrape job) and
+would rename a scraped ``job`` label to ``exported_job``. The
 training series of a job are dropped ``retention_s`` seconds after
 :meth:`ServiceMetrics.job_finished`, so a long-lived service does not grow a
 series set per job forever.
@@ -131,7 +133,7 @@ class _TrainingCollector(Collector):
         gauge_help.update({name: text for name, text in _OPTIMIZER_GAUGES.values()})
         gauge_help["zerotrain_training_learning_rate"] = "Learning rate of the last step."
         for name, text in gauge_help.items():
-            family = GaugeMetricFamily(name, text, labels=["job"])
+            family = GaugeMetricFamily(name, text, labels=["job_id"])
             for job, series in jobs.items():
                 if name in series.gauges:
                     family.add_metric([job], series.gauges[name])
@@ -140,42 +142,42 @@ class _TrainingCollector(Collector):
         step_seconds = GaugeMetricFamily(
             "zerotrain_training_step_seconds",
             "Mean wall time of one training step (sum of its phases).",
-            labels=["job"],
+            labels=["job_id"],
         )
         phase_seconds = GaugeMetricFamily(
             "zerotrain_training_phase_seconds",
             "Mean seconds per step spent in each phase.",
-            labels=["job", "phase"],
+            labels=["job_id", "phase"],
         )
         state_bytes = GaugeMetricFamily(
             "zerotrain_training_optimizer_state_bytes",
             "Optimizer-state bytes held by each rank.",
-            labels=["job", "rank"],
+            labels=["job_id", "rank"],
         )
         active = GaugeMetricFamily(
             "zerotrain_training_active",
             "1 while the job may still report, 0 once it finished (kept for the retention).",
-            labels=["job"],
+            labels=["job_id"],
         )
         last_progress = GaugeMetricFamily(
             "zerotrain_training_last_progress_timestamp_seconds",
             "Unix time at which the service last saw the job's step advance.",
-            labels=["job"],
+            labels=["job_id"],
         )
         skipped = CounterMetricFamily(
             "zerotrain_training_skipped_steps",
             "Optimizer steps skipped because a gradient was not finite.",
-            labels=["job"],
+            labels=["job_id"],
         )
         steps = CounterMetricFamily(
             "zerotrain_training_steps",
             "Optimizer steps trained, counting steps replayed after a restart.",
-            labels=["job"],
+            labels=["job_id"],
         )
         restarts = CounterMetricFamily(
             "zerotrain_training_restarts",
             "Restarts of the job after a worker failure (attempt - 1).",
-            labels=["job"],
+            labels=["job_id"],
         )
         for job, series in jobs.items():
             if series.phases:

@@ -34,17 +34,22 @@ def promtool() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def generate() -> ModuleType:
+def load_generate() -> ModuleType:
     """deploy/generate.py, imported by path (deploy/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "zerotrain_deploy_generate", DEPLOY / "generate.py"
-    )
+    name = "zerotrain_deploy_generate"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, DEPLOY / "generate.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def generate() -> ModuleType:
+    return load_generate()
 
 
 def _record(job_id: str, algorithm: str, step: int) -> dict:

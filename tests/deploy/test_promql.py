@@ -8,7 +8,6 @@ compared with the names on a real scrape of ``ServiceMetrics``.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -17,40 +16,18 @@ import promql_parser
 import pytest
 import yaml
 
-from .conftest import DEPLOY
+from .conftest import DEPLOY, load_generate
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "zerotrain.json"
 RULES = DEPLOY / "prometheus" / "rules" / "zerotrain.rules.yml"
 
-# Grafana's variables, replaced by values Prometheus accepts (as Grafana does at query time).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$job": ".*"}
 # Series Prometheus itself writes for each target; the rules may use them.
 PROMETHEUS_SERIES = {"up"}
 
 
-def grafana_to_promql(expr: str) -> str:
-    """Substitute Grafana's variables; ``label_values(X, label)`` becomes its selector X."""
-    match = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip())
-    if match:
-        expr = match.group(1)
-    for name, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(name, value)
-    assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
-    return expr
-
-
 def dashboard_expressions() -> list[tuple[str, str]]:
     """(where, PromQL) for every query of the dashboard, variables included."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    out = []
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            out.append((f"variable {variable['name']}", grafana_to_promql(variable["definition"])))
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            where = f"panel {panel['title']!r} {target['refId']}"
-            out.append((where, grafana_to_promql(target["expr"])))
-    return out
+    return load_generate().dashboard_queries(DASHBOARD)
 
 
 def rule_expressions() -> list[tuple[str, str]]:
@@ -85,7 +62,7 @@ def test_dashboard_has_queries():
     assert len(expressions) >= 30
     training = [e for where, e in expressions if "zerotrain_training_" in e and "panel" in where]
     # Every training panel is filtered by the job selector variable.
-    assert all('job=~".*"' in e for e in training), training
+    assert all('job_id=~".*"' in e for e in training), training
 
 
 def test_every_expression_parses_with_prometheus(promtool, tmp_path: Path):

@@ -92,7 +92,7 @@ def test_training_record_becomes_series(served):
     metrics.record_training("j-1", _record(10))
     metrics.record_training("j-1", _record(20, loss=0.5))
     samples = _samples(_scrape(url))
-    job = (("job", "j-1"),)
+    job = (("job_id", "j-1"),)
     assert samples[("zerotrain_training_step", job)] == 20
     assert samples[("zerotrain_training_steps_total", job)] == 20
     assert samples[("zerotrain_training_loss", job)] == 0.5
@@ -108,10 +108,10 @@ def test_training_record_becomes_series(served):
     assert samples[("zerotrain_nadam_mu_product", job)] == 0.5
     assert samples[("zerotrain_nadam_bias_correction2", job)] == 0.02
     assert samples[("zerotrain_training_step_seconds", job)] == pytest.approx(0.038)
-    phase = (("job", "j-1"), ("phase", "backward"))
+    phase = (("job_id", "j-1"), ("phase", "backward"))
     assert samples[("zerotrain_training_phase_seconds", phase)] == 0.02
     for rank, expected in ((0, 123456), (1, 123400)):
-        key = ("zerotrain_training_optimizer_state_bytes", (("job", "j-1"), ("rank", str(rank))))
+        key = ("zerotrain_training_optimizer_state_bytes", (("job_id", "j-1"), ("rank", str(rank))))
         assert samples[key] == expected
 
 
@@ -122,7 +122,7 @@ def test_restart_counts_and_step_rewind(served):
     metrics.record_training("j-1", _record(25, attempt=2))
     metrics.record_training("j-1", _record(35, attempt=2))
     samples = _samples(_scrape(url))
-    job = (("job", "j-1"),)
+    job = (("job_id", "j-1"),)
     assert samples[("zerotrain_training_step", job)] == 35
     assert samples[("zerotrain_training_steps_total", job)] == 40
     assert samples[("zerotrain_training_attempt", job)] == 2
@@ -148,7 +148,8 @@ def test_scraped_page_passes_promtool(served, promtool):
     # Unknown phases are folded into "other": labels stay bounded.
     samples = _samples(page)
     assert (
-        samples[("zerotrain_training_phase_seconds", (("job", "j-2"), ("phase", "other")))] == 0.2
+        samples[("zerotrain_training_phase_seconds", (("job_id", "j-2"), ("phase", "other")))]
+        == 0.2
     )
     assert all(name.startswith("zerotrain_") for name, _ in samples)
 
@@ -161,14 +162,14 @@ def test_finished_job_series_dropped_after_retention(served):
     metrics.job_finished("j-1")
     clock.now += 59.0
     samples = _samples(_scrape(url))
-    assert samples[("zerotrain_training_active", (("job", "j-1"),))] == 0
+    assert samples[("zerotrain_training_active", (("job_id", "j-1"),))] == 0
     clock.now += 1.0
     page = _scrape(url)
-    assert 'job="j-1"' not in page
-    assert 'job="j-2"' in page
+    assert 'job_id="j-1"' not in page
+    assert 'job_id="j-2"' in page
     # A late record cannot revive a retired job.
     metrics.record_training("j-1", _record(11))
-    assert 'job="j-1"' not in _scrape(url)
+    assert 'job_id="j-1"' not in _scrape(url)
     assert metrics.training_jobs() == ["j-2"]
 
 
@@ -182,7 +183,7 @@ def test_bad_record_is_rejected_and_changes_nothing():
     assert "record.loss: must be a number" in message
     assert "record.optimizer.grad_norm: must be a number" in message
     assert "record.state_bytes_per_rank" in message
-    assert metrics.registry.get_sample_value("zerotrain_training_step", {"job": "j-1"}) == 10
+    assert metrics.registry.get_sample_value("zerotrain_training_step", {"job_id": "j-1"}) == 10
     with pytest.raises(ValueError, match="job_id"):
         metrics.record_training("", _record(1))
     with pytest.raises(ValueError, match="retention_s"):
