@@ -130,7 +130,7 @@ class JobClient:
     def list(
         self,
         *,
-        state: int = pb.JOB_STATE_UNSPECIFIED,
+        state: pb.JobState = pb.JOB_STATE_UNSPECIFIED,
         labels: Mapping[str, str] | None = None,
         owner: str = "",
         page_size: int = 0,

@@ -172,8 +172,8 @@ class ServerConfig:
             ("tls_key", "ZEROTRAIN_TLS_KEY"),
             ("tls_client_ca", "ZEROTRAIN_TLS_CLIENT_CA"),
         ):
-            if (value := path(name)) is not None:
-                out[key] = value
+            if (file := path(name)) is not None:
+                out[key] = file
         for key, name in (
             ("allow_custom_tasks", "ZEROTRAIN_ALLOW_CUSTOM_TASKS"),
             ("insecure_no_auth", "ZEROTRAIN_INSECURE_NO_AUTH"),

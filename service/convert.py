@@ -73,7 +73,7 @@ _SPEC_ENUMS: dict[tuple[str, str], tuple[Any, dict[int, str]]] = {
 }
 _SECTIONS = ("optimizer", "sharding", "scaling", "training")
 
-_STATES: dict[JobState, int] = {
+_STATES: dict[JobState, pb.JobState] = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
     JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
@@ -81,7 +81,7 @@ _STATES: dict[JobState, int] = {
     JobState.CANCELLING: pb.JOB_STATE_CANCELLING,
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
-_STATES_BY_NUMBER = {number: state for state, number in _STATES.items()}
+_STATES_BY_NUMBER: dict[int, JobState] = {int(n): state for state, n in _STATES.items()}
 
 # Metrics-record keys with a typed field of their own.
 _RECORD_INTS = ("attempt", "step", "rank", "world_size")
@@ -208,7 +208,7 @@ def _integral_to_int(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- state
-def state_to_proto(state: JobState) -> int:
+def state_to_proto(state: JobState) -> pb.JobState:
     """The ``JobState`` enum number of a domain state."""
     return _STATES[JobState(state)]
 
@@ -235,6 +235,7 @@ def state_name(number: int) -> str:
 # -------------------------------------------------------------------------- metrics
 def checkpoint_to_proto(info: CheckpointInfo | Mapping[str, Any]) -> pb.Checkpoint:
     """A ``Checkpoint`` message from a :class:`CheckpointInfo` or a ``{step, path, time}`` dict."""
+    time: float | None
     if isinstance(info, CheckpointInfo):
         step, path, time = info.step, info.path, info.time
     else:
@@ -338,7 +339,8 @@ def event_to_proto(event: JobEvent) -> pb.JobEvent:
     msg = pb.JobEvent(sequence=event.sequence, job_id=event.job_id, attempt=event.attempt)
     msg.time.CopyFrom(_to_timestamp(event.time, "time"))
     if event.kind == "state":
-        msg.state_change.state = state_to_proto(event.state)  # type: ignore[arg-type]
+        assert event.state is not None, "a state event carries its state"
+        msg.state_change.state = state_to_proto(event.state)
         msg.state_change.reason = event.reason
     elif event.kind == "metrics":
         msg.metrics.CopyFrom(metrics_to_proto(event.metrics or {}))

@@ -94,7 +94,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if principal.admin:
             owner = request.owner or None
         elif request.owner and request.owner != principal.name:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "owner: only admins may list other principals' jobs",
             )
@@ -132,7 +133,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """Ingest one metrics record from a job's worker."""
         _check_id(request.job_id, context)
         if not self._auth.ingest_allowed(context.invocation_metadata(), request.job_id):
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"missing or invalid ingest token for job {request.job_id!r}",
             )
@@ -177,7 +179,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         principal = self._auth.authenticate(context.invocation_metadata())
         if principal is None:  # the interceptor normally refuses these first
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         return principal
 
     def _owned_job(self, job_id: str, context: grpc.ServicerContext) -> Any:
@@ -185,11 +187,18 @@ class JobServicer(pb_grpc.JobServiceServicer):
         _check_id(job_id, context)
         record = _call(context, lambda: self._manager.get(job_id))
         if not principal.may_access(record.owner):
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"job {job_id!r} belongs to another principal",
             )
         return record
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """``context.abort``, typed as never returning (it raises)."""
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
 
 
 def _check_id(job_id: str, context: grpc.ServicerContext) -> None:
@@ -242,9 +251,9 @@ def _abort_for(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         _abort_spec(context, exc)
     for cls, code in _STATUS_OF_ERROR:
         if isinstance(exc, cls):
-            context.abort(code, str(exc))
+            _abort(context, code, str(exc))
     log.error("internal error in rpc", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+    _abort(context, grpc.StatusCode.INTERNAL, "internal error (see the server log)")
 
 
 def _abort_invalid(context: grpc.ServicerContext, field: str, rule: str) -> NoReturn:
@@ -275,4 +284,4 @@ def _abort_with_violations(
     )
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("unreachable")  # abort_with_status raises
+    raise AssertionError("unreachable: abort_with_status raises")
