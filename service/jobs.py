@@ -353,7 +353,7 @@ class JobManager:
                 time.sleep(0.5)
             record = self.store.get_job(job_id)
         partial = ""
-        for chunk in self.ray.tail_logs(record.ray_job_id, stop=stop):
+        for chunk in self.ray.tail_logs(record.ray_job_id, stop=_Either(stop, self._stopping)):
             *lines, partial = (partial + chunk).split("\n")
             yield from lines
         if partial:
@@ -482,7 +482,9 @@ class JobManager:
             return
         with self._write_lock:
             self._submitting.discard(job_id)
-            updated, _ = self.store.update_job(job_id, now=self._clock(), ray_job_id=ray_job_id)
+            result = self.store.update_job(job_id, now=self._clock(), ray_job_id=ray_job_id)
+        assert result is not None  # no compare-and-set, so always a record
+        updated = result[0]
         if updated.state == JobState.CANCELLING:  # cancelled while we were submitting
             self._stop_in_ray(updated)
 
@@ -672,6 +674,16 @@ class JobManager:
             self._changed.notify_all()
 
 
+class _Either:
+    """Set when either event is set (a manager stop ends caller streams too)."""
+
+    def __init__(self, first: threading.Event | None, second: threading.Event) -> None:
+        self._events = [e for e in (first, second) if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
@@ -708,7 +720,7 @@ def _check_record(job_id: str, record: Any) -> tuple[int, CheckpointInfo | None]
             if isinstance(when, bool) or not isinstance(when, int | float):
                 errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
                 ok = False
-            if ok:
+            if ok and isinstance(path, str) and isinstance(when, int | float):
                 checkpoint = CheckpointInfo(step=raw["step"], path=path, time=float(when))
     if errors:
         raise InvalidArgument("; ".join(errors))

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -52,6 +53,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STATE_FILE = "zerotrain_ray_head.json"
+
+
+class _Stoppable(Protocol):
+    def is_set(self) -> bool: ...
+
+
 _TOKEN_FILE = "auth_token"
 
 
@@ -186,9 +193,11 @@ class RayJobs:
             raise
 
     def tail_logs(
-        self, ray_job_id: str, *, stop: threading.Event | None = None, poll_s: float = 0.5
+        self, ray_job_id: str, *, stop: _Stoppable | None = None, poll_s: float = 0.5
     ) -> Iterator[str]:
         """Yield log chunks as the job writes them; ends when the job ends or ``stop`` is set.
+
+        ``stop`` is a :class:`threading.Event` (anything with ``is_set()``).
 
         Ray's tail API is an async websocket stream; it is pumped on a private
         event loop thread into a queue so callers can stay synchronous and stop
@@ -234,7 +243,7 @@ class RayJobs:
     def cluster_resources(self) -> ClusterResources:
         """CPU/GPU totals of the alive nodes, from the dashboard's state API."""
         from ray.util.state import StateApiClient
-        from ray.util.state.common import ListApiOptions, StateResource
+        from ray.util.state.common import ListApiOptions, NodeState, StateResource
 
         client = StateApiClient(
             self.address, headers={"Content-Type": "application/json", **self._headers}
@@ -244,15 +253,15 @@ class RayJobs:
             options=ListApiOptions(detail=False),
             raise_on_missing_output=False,
         )
-        nodes = [n for n in nodes if n.state == "ALIVE"]
-        cpus = [float(n.resources_total.get("CPU", 0.0)) for n in nodes]
-        gpus = [float(n.resources_total.get("GPU", 0.0)) for n in nodes]
+        alive = [n for n in nodes if isinstance(n, NodeState) and n.state == "ALIVE"]
+        cpus = [float(n.resources_total.get("CPU", 0.0)) for n in alive]
+        gpus = [float(n.resources_total.get("GPU", 0.0)) for n in alive]
         return ClusterResources(
             total_cpus=sum(cpus),
             total_gpus=sum(gpus),
             max_node_cpus=max(cpus, default=0.0),
             max_node_gpus=max(gpus, default=0.0),
-            num_nodes=len(nodes),
+            num_nodes=len(alive),
         )
 
 

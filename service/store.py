@@ -363,7 +363,8 @@ class JobStore:
             raise InvalidArgument(
                 f"page_size: must be an integer in [1, {MAX_PAGE_SIZE}], got {page_size!r}"
             )
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if page_token:
             where.append("seq < ?")
             args.append(_decode_token(page_token))
@@ -452,7 +453,8 @@ class JobStore:
                 raise JobNotFound(job_id)
             if expect_states is not None and JobState(row["state"]) not in set(expect_states):
                 return None
-            sets, args = ["updated_at = ?"], [now]
+            sets: list[str] = ["updated_at = ?"]
+            args: list[Any] = [now]
             for name, value in fields.items():
                 if name == "latest_metrics" and value is not None:
                     value = _dumps(_json_safe(value))
