@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import JobFinished, JobNotFound, PermissionDenied, Unschedulable
+from service.errors import (
+    InvalidArgument,
+    JobFinished,
+    JobNotFound,
+    PermissionDenied,
+    Unschedulable,
+)
 from service.jobs import JobEvent, JobManager, JobRecord, JobState
 from service.ray_jobs import LocalRay, RayJobs, start_local_ray
 from service.spec import JobSpec
@@ -52,6 +58,18 @@ def make_spec(name: str, **scaling) -> JobSpec:
             "training": {"max_steps": 4},
         }
     )
+
+
+def stored_job(store: JobStore, job_id: str, name: str = "quick") -> JobRecord:
+    """A job written straight into the store (no Ray job behind it)."""
+    record = JobRecord(
+        job_id=job_id, owner="alice", spec=make_spec(name),
+        state=JobState.PENDING, state_reason="accepted", created_at=time.time(),
+        updated_at=time.time(), started_at=None, finished_at=None, attempt=0,
+        latest_metrics=None, checkpoint=None, idempotency_key=None, ray_job_id=None,
+    )  # fmt: skip
+    store.create_job(record)
+    return record
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +231,7 @@ def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJ
 def test_start_submits_a_job_accepted_before_a_crash(tmp_path: Path, ray_jobs: RayJobs):
     """The service stored a job, then died before handing it to Ray: start() submits it."""
     store = JobStore(tmp_path / "jobs.db")
-    accepted = JobRecord(
-        job_id="j-crashed-before-submit", owner="alice", spec=make_spec("quick"),
-        state=JobState.PENDING, state_reason="accepted", created_at=time.time(),
-        updated_at=time.time(), started_at=None, finished_at=None, attempt=0,
-        latest_metrics=None, checkpoint=None, idempotency_key=None, ray_job_id=None,
-    )  # fmt: skip
-    store.create_job(accepted)
+    accepted = stored_job(store, "j-crashed-before-submit")
     manager = JobManager(
         store, ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
         entrypoint_factory=tiny_entrypoint,
@@ -231,6 +243,44 @@ def test_start_submits_a_job_accepted_before_a_crash(tmp_path: Path, ray_jobs: R
     finally:
         manager.stop()
         store.close()
+
+
+def test_ingest_attempts_and_bad_records(tmp_path: Path, ray_jobs: RayJobs):
+    """Ingestion alone (the manager is not started, so nothing reconciles)."""
+    manager = JobManager(JobStore(tmp_path / "jobs.db"), ray_jobs, data_dir=tmp_path)
+    job = stored_job(manager.store, "j-ingest")
+    manager.ingest(job.job_id, {"attempt": 1, "step": 2, "loss": 0.9})
+    manager.ingest(job.job_id, {"attempt": 2, "step": 3, "loss": 0.8})  # restarted
+    events = manager.store.events(job.job_id)
+    assert [(e.kind, e.state, e.attempt) for e in events] == [
+        ("state", JobState.PENDING, 0),
+        ("state", JobState.RUNNING, 1),
+        ("metrics", None, 1),
+        ("state", JobState.RUNNING, 2),
+        ("metrics", None, 2),
+    ]
+    assert "attempt 2" in events[3].reason and manager.get(job.job_id).attempt == 2
+
+    before = (manager.get(job.job_id), manager.store.last_sequence(job.job_id))
+    bad = [
+        ([1, 2], "record: must be a JSON object"),
+        ({"attempt": 1}, "record.step"),
+        ({"step": -1}, "record.step"),
+        ({"step": 1, "attempt": 0}, "record.attempt"),
+        ({"step": 1, "attempt": True}, "record.attempt"),
+        ({"step": 1, "job_id": "j-other"}, "record.job_id"),
+        ({"step": 1, "checkpoint": {"step": 1}}, "record.checkpoint.path"),
+        ({"step": 1, "checkpoint": "x"}, "record.checkpoint"),
+    ]
+    for record, message in bad:
+        with pytest.raises(InvalidArgument, match=message):
+            manager.ingest(job.job_id, record)  # type: ignore[arg-type]
+    assert (manager.get(job.job_id), manager.store.last_sequence(job.job_id)) == before
+    with pytest.raises(JobNotFound):
+        manager.ingest("j-unknown", {"step": 1})
+    with pytest.raises(InvalidArgument, match="from_sequence"):
+        manager.watch(job.job_id, -1)
+    manager.store.close()
 
 
 def test_local_head_is_reused_after_a_service_restart(ray_head: LocalRay):
