@@ -12,9 +12,10 @@ last few commits, and such an event also kills the Ray jobs those commits
 describe; the reconciliation loop then marks them failed. FULL would cost an
 fsync for every ingested metrics record for no gain in that model.
 
-All access goes through one connection guarded by a lock; each public method
-is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), so a job row and the
-event that describes its change are written together or not at all.
+Writes go through one connection guarded by a lock; each writing method is
+one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), so a job row and the
+event that describes its change are written together or not at all. Reads use
+one connection per thread and never wait for a writer (WAL snapshots).
 
 The store knows records, not Ray and not protobuf. The record types
 (:class:`JobState`, :class:`JobRecord`, :class:`JobEvent`,
@@ -210,7 +211,8 @@ class JobStore:
             State events are always kept, so a watcher resuming from an old
             sequence number still sees every transition.
 
-    Thread-safe: one connection, serialised by a lock.
+    Thread-safe: one writer connection serialised by a lock, plus one reader
+    connection per thread.
     """
 
     def __init__(
@@ -222,21 +224,45 @@ class JobStore:
         self.max_metrics_events = max_metrics_events
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._conn.row_factory = sqlite3.Row
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # Readers get a connection per thread: in WAL mode they see the last
+        # committed state and neither wait for nor block the writer.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._closed = False
 
     # -- lifecycle -------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close every connection (idempotent)."""
         with self._lock:
+            self._closed = True
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
             self._conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the job store is closed")
+                conn = self._connect()
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
 
     def _migrate(self) -> None:
         with self._tx() as c:
@@ -323,21 +349,19 @@ class JobStore:
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job's record; raises :class:`JobNotFound`."""
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
-            ).fetchone()
+        row = self._reader().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
         if row is None:
             raise JobNotFound(job_id)
         return _record_from_row(row)
 
     def find_by_idempotency_key(self, owner: str, key: str) -> JobRecord | None:
         """The job ``owner`` created with idempotency ``key``, if any."""
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                (owner, key),
-            ).fetchone()
+        row = self._reader().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+            (owner, key),
+        ).fetchone()
         return None if row is None else _record_from_row(row)
 
     def list_jobs(
@@ -385,8 +409,7 @@ class JobStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(page_size + 1)
-        with self._lock:
-            rows = self._conn.execute(sql, args).fetchall()
+        rows = self._reader().execute(sql, args).fetchall()
         more = len(rows) > page_size
         rows = rows[:page_size]
         token = _encode_token(rows[-1]["seq"]) if more else ""
@@ -398,18 +421,16 @@ class JobStore:
         if not values:
             return []
         marks = ",".join("?" * len(values))
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", values
-            ).fetchall()
+        rows = self._reader().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", values
+        ).fetchall()
         return [_record_from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state (every state present, zero included)."""
         counts = {s.value: 0 for s in JobState}
-        with self._lock:
-            for row in self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-                counts[row[0]] = row[1]
+        for row in self._reader().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[row[0]] = row[1]
         return counts
 
     def update_job(
@@ -553,20 +574,18 @@ class JobStore:
 
     def events(self, job_id: str, after_sequence: int = 0, limit: int = 1000) -> list[JobEvent]:
         """The job's events with ``sequence > after_sequence``, in order (at most ``limit``)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT job_id, sequence, time, kind, state, reason, metrics, attempt "
-                "FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-                (job_id, after_sequence, limit),
-            ).fetchall()
+        rows = self._reader().execute(
+            "SELECT job_id, sequence, time, kind, state, reason, metrics, attempt "
+            "FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            (job_id, after_sequence, limit),
+        ).fetchall()
         return [_event_from_row(r) for r in rows]
 
     def last_sequence(self, job_id: str) -> int:
         """The sequence number of the job's newest event; raises :class:`JobNotFound`."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
-            ).fetchone()
+        row = self._reader().execute(
+            "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
         if row is None:
             raise JobNotFound(job_id)
         return int(row[0])

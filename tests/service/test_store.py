@@ -172,7 +172,7 @@ def test_unknown_schema_version_is_refused(tmp_path: Path):
         JobStore(tmp_path / "jobs.db")
 
 
-def test_concurrent_writers_keep_sequences_dense(tmp_path: Path):
+def test_concurrent_writers_and_readers(tmp_path: Path):
     store = JobStore(tmp_path / "jobs.db")
     store.create_job(make_record("j-1"))
     errors: list[BaseException] = []
@@ -191,8 +191,20 @@ def test_concurrent_writers_keep_sequences_dense(tmp_path: Path):
         except BaseException as exc:
             errors.append(exc)
 
+    def read() -> None:
+        # Every read is a committed snapshot: a dense prefix of the event log,
+        # never behind the job row's counter read before it.
+        try:
+            for _ in range(100):
+                last = store.last_sequence("j-1")
+                seen = [e.sequence for e in store.events("j-1", limit=10_000)]
+                assert seen == list(range(1, len(seen) + 1)) and len(seen) >= last
+        except BaseException as exc:
+            errors.append(exc)
+
     threads = [threading.Thread(target=ingest, args=(w,)) for w in range(4)]
     threads += [threading.Thread(target=submit, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=read) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
