@@ -551,7 +551,6 @@ class JobManager:
         if status == "SUCCEEDED":
             if not self._final_metrics_arrived(record):
                 return
-            self._succeeded_seen.pop(job_id, None)
             reason = "finished successfully"
             if record.state == JobState.CANCELLING:
                 reason = "finished successfully before the cancel took effect"
@@ -665,8 +664,10 @@ class JobManager:
         if result is None:
             return None
         self._notify()
-        if state in TERMINAL_STATES and self.metrics is not None:
-            self.metrics.job_finished(job_id)
+        if state in TERMINAL_STATES:
+            self._succeeded_seen.pop(job_id, None)
+            if self.metrics is not None:
+                self.metrics.job_finished(job_id)
         return result[0]
 
     def _notify(self) -> None:
