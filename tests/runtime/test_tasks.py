@@ -61,7 +61,7 @@ def test_digits_is_real_data():
     task = get_task("digits").build({}, seed=0)
     assert len(task.train) + task.info["test_samples"] == 1797
     assert task.train.inputs.shape[1] == 64
-    assert 0.0 <= task.train.inputs.min() and task.train.inputs.max() <= 1.0
+    assert task.train.inputs.min() >= 0.0 and task.train.inputs.max() <= 1.0
 
 
 def test_charlm_windows_are_shifted_corpus():

@@ -1,0 +1,32 @@
+"""Fixtures for the runtime tests: one local Ray per session, in a private temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """Start a local Ray (4 CPUs) once per session; yield its GCS address."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="zt-ray-")
+    # DeepSpeed's CPU op is JIT-compiled once (~30 s) and cached here across sessions.
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "zt-torch-extensions")
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Train V2 collects reports (and registers checkpoints) on this poll interval (2 s by
+    # default); a short one keeps the checkpoint-heavy tests fast.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
