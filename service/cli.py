@@ -34,7 +34,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.client import TERMINAL_STATES, ApiError, JobClient
@@ -318,7 +318,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             if args.json:
                 print(json.dumps([json.loads(_job_json(j)) for j in jobs], indent=2))
                 return EXIT_OK
-            table = Table("JOB", "NAME", "OWNER", "STATE", "STEP", "LOSS", "CREATED")
+            table = Table(
+                Column("JOB", no_wrap=True),
+                Column("NAME", overflow="fold"),
+                "OWNER",
+                "STATE",
+                "STEP",
+                "LOSS",
+                Column("CREATED", no_wrap=True),
+            )
             for job in jobs:
                 state = state_name(job.state)
                 m = job.latest_metrics

@@ -181,6 +181,7 @@ class JobClient:
             stream = self._stub.WatchJob(
                 pb.WatchJobRequest(job_id=job_id, from_sequence=last), metadata=self._metadata
             )
+            error: grpc.RpcError | None = None
             try:
                 for event in stream:
                     down_since, backoff = None, 0.2
@@ -188,18 +189,30 @@ class JobClient:
                         continue  # never repeat an event
                     last = event.sequence
                     yield event
-                return
+                    if event.HasField("state_change") and (
+                        event.state_change.state in TERMINAL_STATES
+                    ):
+                        return
+                # Resumed past the terminal event, the stream ends at once; any other
+                # end without one is the server going away: resume as after an error.
+                if self._unary(
+                    self._stub.GetJob, pb.GetJobRequest(job_id=job_id), raw=True
+                ).state in (TERMINAL_STATES):
+                    return
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:  # type: ignore[attr-defined]
                     raise ApiError.from_rpc_error(exc) from None
-                now = time.monotonic()
-                down_since = down_since or now
-                if now - down_since > reconnect_timeout_s:
-                    raise ApiError.from_rpc_error(exc) from None
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                error = exc
             finally:
                 stream.cancel()
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since > reconnect_timeout_s:
+                if error is not None:
+                    raise ApiError.from_rpc_error(error) from None
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, "watch stream keeps ending early", [])
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
         """The job's log lines; with ``follow``, until the job finishes."""
@@ -235,10 +248,13 @@ class JobClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _unary(self, method: Any, request: Any) -> Any:
+    def _unary(self, method: Any, request: Any, *, raw: bool = False) -> Any:
+        """Call with deadline and token; ``raw`` lets ``grpc.RpcError`` through."""
         try:
             return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
+            if raw:
+                raise
             raise ApiError.from_rpc_error(exc) from None
 
 

@@ -128,6 +128,9 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
+        # Beyond this many concurrent rpcs (each stream holds a thread) new calls get
+        # RESOURCE_EXHAUSTED at once instead of queueing behind long-lived streams.
+        maximum_concurrent_rpcs=max_workers,
         options=[
             ("grpc.max_receive_message_length", max_receive_message_bytes),
             ("grpc.max_send_message_length", max_send_message_bytes),
@@ -254,14 +257,15 @@ class Service:
             metrics=metrics,
         )
         self.manager = manager
+        self._closers.append(manager.stop)  # after the server below has stopped
         self.server, self.port = create_server(
             config.address, manager, auth=auth, tls=tls, metrics=metrics
         )
-        self._closers.append(lambda: stop_server(self.server, 5.0))  # type: ignore[arg-type]
+        # Stopped first: open watch streams end with UNAVAILABLE, so clients resume elsewhere.
+        self._closers.append(lambda: stop_server(self.server, 2.0))  # type: ignore[arg-type]
         if not config.ingest_address:  # known only now when the port was 0
             manager.ingest_address = _advertised(config.address, self.port)
         manager.start()
-        self._closers.append(manager.stop)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and release everything (idempotent)."""

@@ -79,6 +79,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             context,
             lambda: self._manager.submit(spec, owner=principal.name, idempotency_key=key or None),
         )
+        log.info("%s submitted job %s (%s)", principal.name, record.job_id, spec.name)
         return convert.job_to_proto(record)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -125,7 +126,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         """Ask the job to stop."""
         record = self._owned_job(request.job_id, context)
-        return _call(context, lambda: convert.job_to_proto(self._manager.cancel(record.job_id)))
+        cancelled = _call(context, lambda: self._manager.cancel(record.job_id))
+        log.info("%s cancelled job %s", self._principal(context).name, record.job_id)
+        return convert.job_to_proto(cancelled)
 
     def ReportMetrics(
         self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext

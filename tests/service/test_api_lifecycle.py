@@ -22,6 +22,7 @@ import pytest
 from api_support import TOKENS, hermetic_client_env, make_auth  # noqa: F401
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import cli
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.auth import Authenticator
 from service.client import ApiError, JobClient
@@ -107,7 +108,7 @@ def kinds(events: list[pb.JobEvent]) -> list[str]:
     ]  # fmt: skip
 
 
-def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api):
+def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api, capsys):
     client = api.client()
     job = client.submit(job_spec("lifecycle", max_steps=20))
     assert job.state in (pb.JOB_STATE_PENDING, pb.JOB_STATE_RUNNING) and job.owner == "alice"
@@ -147,6 +148,21 @@ def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api):
         api.client("bob").get(job.job_id)
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert api.client("root").get(job.job_id).job_id == job.job_id
+
+    # trainctl against the same server.
+    def trainctl(*argv: str) -> tuple[int, str]:
+        code = cli.main(["--address", f"127.0.0.1:{api.port}", "--token", TOKENS["alice"], *argv])
+        return code, capsys.readouterr().out
+
+    code, out = trainctl("watch", job.job_id)
+    assert code == 0 and "SUCCEEDED" in out and "step 20" in out and "accuracy" in out
+    code, out = trainctl("get", job.job_id)
+    assert code == 0 and job.job_id in out and "20 / 20" in out
+    code, out = trainctl("list", "--label", "suite=api-lifecycle")
+    assert code == 0 and job.job_id in out
+    code, out = trainctl("logs", job.job_id)
+    assert code == 0 and "ZEROTRAIN_METRICS" in out
+    assert trainctl("cancel", job.job_id)[0] == 6  # finished: FAILED_PRECONDITION
 
 
 def test_cancel_idempotency_and_unschedulable(api: Api):
