@@ -91,6 +91,8 @@ class JobManager:
             (``ZEROTRAIN_INGEST_ADDRESS``); ``None``: stdout only.
         ingest_token: bearer token the workers use for the ingestion rpc, or
             a function of the job id giving a per-job token.
+        ingest_ca: PEM file of the CA that signed the service's TLS certificate,
+            as the workers see it (``ZEROTRAIN_INGEST_CA``); ``None``: plaintext.
         metrics: Prometheus metrics to keep up to date.
         reconcile_interval_s: how often the store is brought in step with Ray.
         entrypoint_factory: builds a job's command; defaults to the runtime
@@ -109,6 +111,7 @@ class JobManager:
         allow_custom_tasks: bool = False,
         ingest_address: str | None = None,
         ingest_token: str | Callable[[str], str] | None = None,
+        ingest_ca: str | None = None,
         metrics: ServiceMetrics | None = None,
         reconcile_interval_s: float = 1.0,
         entrypoint_factory: EntrypointFactory | None = None,
@@ -121,6 +124,7 @@ class JobManager:
         self.allow_custom_tasks = allow_custom_tasks
         self.ingest_address = ingest_address
         self.ingest_token = ingest_token
+        self.ingest_ca = ingest_ca
         self.metrics = metrics
         self.reconcile_interval_s = reconcile_interval_s
         self.final_metrics_grace_s = final_metrics_grace_s
@@ -457,6 +461,8 @@ class JobManager:
         if self.ingest_token:
             token = self.ingest_token
             env["ZEROTRAIN_INGEST_TOKEN"] = token(job_id) if callable(token) else token
+        if self.ingest_ca:
+            env["ZEROTRAIN_INGEST_CA"] = self.ingest_ca
         spec_json = json.dumps(record.spec.to_dict(), separators=(",", ":"), sort_keys=True)
         entrypoint = self._entrypoint(job_id, spec_json, self.data_dir / "runs")
         try:
