@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(env ZEROTRAIN_TLS_CLIENT_CA)")  # fmt: skip
     add("--ingest-address", help="host:port the workers reach this service at "
         "(default: the bound address; env ZEROTRAIN_INGEST_ADVERTISE)")  # fmt: skip
+    add("--ingest-ca", type=Path, help="PEM CA file the workers verify this server's TLS "
+        "certificate with (default: --tls-cert; env ZEROTRAIN_INGEST_CA_FILE)")  # fmt: skip
     add("--allow-custom-tasks", action="store_true", default=None,
         help="accept package.module:function tasks (arbitrary code; env ZEROTRAIN_ALLOW_CUSTOM_TASKS)")  # fmt: skip
     add("--insecure-no-auth", action="store_true", default=None,
@@ -71,7 +73,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     """Flags over environment over defaults; ``ConfigError`` names the bad setting."""
     values: dict[str, Any] = ServerConfig.env_defaults(env)
     for key in ("address", "metrics_port", "data_dir", "ray_address", "ray_num_cpus",
-                "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address",
+                "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address", "ingest_ca",
                 "allow_custom_tasks", "insecure_no_auth"):  # fmt: skip
         value = getattr(args, key, None)
         if value is not None:

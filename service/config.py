@@ -18,6 +18,8 @@ flag                       environment                     default
 ``--tls-cert/--tls-key``   ``ZEROTRAIN_TLS_CERT/_KEY``     plaintext
 ``--tls-client-ca``        ``ZEROTRAIN_TLS_CLIENT_CA``     no client certificates
 ``--ingest-address``       ``ZEROTRAIN_INGEST_ADVERTISE``  the bound address
+``--ingest-ca``            ``ZEROTRAIN_INGEST_CA_FILE``    ``--tls-cert`` (the CA file
+                                                           workers verify us with)
 ``--allow-custom-tasks``   ``ZEROTRAIN_ALLOW_CUSTOM_TASKS``  off
 ``--insecure-no-auth``     ``ZEROTRAIN_INSECURE_NO_AUTH``  off (forces a loopback bind)
 =========================  ==============================  ==========================
@@ -106,6 +108,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     ingest_address: str = ""
+    ingest_ca: Path | None = None
     allow_custom_tasks: bool = False
     insecure_no_auth: bool = False
 
@@ -171,6 +174,7 @@ class ServerConfig:
             ("tls_cert", "ZEROTRAIN_TLS_CERT"),
             ("tls_key", "ZEROTRAIN_TLS_KEY"),
             ("tls_client_ca", "ZEROTRAIN_TLS_CLIENT_CA"),
+            ("ingest_ca", "ZEROTRAIN_INGEST_CA_FILE"),
         ):
             if (file := path(name)) is not None:
                 out[key] = file

@@ -225,6 +225,11 @@ class Service:
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_client_ca is not None:
+                log.warning(
+                    "mutual TLS: workers have no client certificate, so their metrics "
+                    "records cannot reach ReportMetrics; jobs run, metrics stay in their logs"
+                )
 
         store = JobStore(data_dir / "jobs.db")
         self._closers.append(store.close)
@@ -254,6 +259,7 @@ class Service:
             ingest_address=config.ingest_address or None,
             # Workers authenticate their ingestion calls with their job's own token.
             ingest_token=auth.ingest_token_for if auth.enabled else None,
+            ingest_ca=str(config.ingest_ca or config.tls_cert) if tls is not None else None,
             metrics=metrics,
         )
         self.manager = manager

@@ -313,6 +313,18 @@ def test_tls_and_mutual_tls(manager: JobManager, tmp_path: Path):
 
     with serving(manager, auth, tls=pki.server_tls()) as p:
         assert get(p, ca=files["ca"]) == grpc.StatusCode.OK
+        # Workers push metrics over TLS, verifying the server with ZEROTRAIN_INGEST_CA.
+        sink = GrpcSink.from_env(
+            {
+                "ZEROTRAIN_INGEST_ADDRESS": f"127.0.0.1:{p}",
+                "ZEROTRAIN_JOB_ID": "j-alice",
+                "ZEROTRAIN_INGEST_TOKEN": auth.ingest_token_for("j-alice"),
+                "ZEROTRAIN_INGEST_CA": str(files["ca"]),
+            }
+        )
+        sink.send({"attempt": 1, "step": 2})
+        sink.close()
+        assert manager.get("j-alice").latest_metrics["step"] == 2
         assert get(p, ca=rogue_files["ca"]) == grpc.StatusCode.UNAVAILABLE  # untrusted server
         plaintext = grpc.insecure_channel(f"127.0.0.1:{p}")
         assert (
