@@ -1,12 +1,15 @@
 """Container health check: ask the server's ``grpc.health.v1.Health`` whether it is serving.
 
-    python -m service.health [--address HOST:PORT] [--service NAME] [--tls-ca PEM] [--timeout S]
+    python -m service.health [--address HOST:PORT] [--service NAME] [--tls-ca PEM]
+                             [--tls-server-name NAME] [--timeout S]
 
 Exits 0 when the server answers SERVING, 1 otherwise (with the reason on
 stderr), which is what Docker's HEALTHCHECK and Kubernetes' exec probes expect.
 The health service needs no token. Defaults come from the environment:
-``ZEROTRAIN_HEALTH_ADDRESS`` (else ``127.0.0.1:50051``) and ``ZEROTRAIN_TLS_CA``
-(a CA bundle: the check then uses TLS, as the server does).
+``ZEROTRAIN_HEALTH_ADDRESS`` (else ``127.0.0.1:50051``), ``ZEROTRAIN_TLS_CA``
+(a CA bundle: the check then uses TLS, as the server does) and
+``ZEROTRAIN_HEALTH_SERVER_NAME`` (the name on the server's certificate, when the
+probe dials 127.0.0.1 but the certificate names the service's DNS name).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def check(
-    address: str, *, service: str = "", tls_ca: str | None = None, timeout: float = 5.0
+    address: str,
+    *,
+    service: str = "",
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
+    timeout: float = 5.0,
 ) -> str:
     """The serving status name (e.g. ``"SERVING"``) reported by the server at ``address``.
 
@@ -33,7 +41,8 @@ def check(
     """
     if tls_ca:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-        channel = grpc.secure_channel(address, credentials)
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        channel = grpc.secure_channel(address, credentials, options=options)
     else:
         channel = grpc.insecure_channel(address)
     with channel:
@@ -57,10 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("ZEROTRAIN_TLS_CA") or None,
         help="CA bundle to verify the server with TLS (env ZEROTRAIN_TLS_CA)",
     )
+    parser.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("ZEROTRAIN_HEALTH_SERVER_NAME") or None,
+        help="name to verify on the server certificate (env ZEROTRAIN_HEALTH_SERVER_NAME)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
     args = parser.parse_args(argv)
     try:
-        status = check(args.address, service=args.service, tls_ca=args.tls_ca, timeout=args.timeout)
+        status = check(
+            args.address,
+            service=args.service,
+            tls_ca=args.tls_ca,
+            tls_server_name=args.tls_server_name,
+            timeout=args.timeout,
+        )
     except grpc.RpcError as error:
         print(f"unhealthy: {args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1

@@ -126,3 +126,11 @@ def test_serve_flags_are_the_services_real_flags():
         assert config.metrics_port == 9464, where
         assert str(config.data_dir) == "/data", where
         assert config.tokens_file is not None, where
+
+
+def test_health_checks_fit_each_container():
+    """The image's HEALTHCHECK probes the gRPC service: Ray containers must replace or disable it."""
+    assert SERVICES["ray-head"]["healthcheck"]["test"][:2] == ["CMD", "ray"]
+    assert SERVICES["ray-worker"]["healthcheck"] == {"disable": True}
+    assert "healthcheck" not in SERVICES["zerotrain"]  # the image's own gRPC health probe
+    assert SERVICES["zerotrain"]["depends_on"]["ray-head"]["condition"] == "service_healthy"

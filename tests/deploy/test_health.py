@@ -51,3 +51,76 @@ def test_unreachable_server_is_unhealthy(capsys):
         port = sock.getsockname()[1]
     assert main(["--address", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def _tls_files(directory) -> tuple[bytes, bytes, str]:
+    """A CA and a server certificate for the DNS name ``zerotrain.internal`` (not 127.0.0.1)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key, issuer: str, signer, *, ca: bool, san: str | None = None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_cert = cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    server_cert = cert(
+        "zerotrain.internal", server_key, "test-ca", ca_key, ca=False, san="zerotrain.internal"
+    )
+    pem = serialization.Encoding.PEM
+    ca_path = directory / "ca.pem"
+    ca_path.write_bytes(ca_cert.public_bytes(pem))
+    key_pem = server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, server_cert.public_bytes(pem), str(ca_path)
+
+
+def test_tls_server_checked_with_its_certificate_name(tmp_path, capsys):
+    key, chain, ca_path = _tls_files(tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        # The certificate names zerotrain.internal, not 127.0.0.1: verification fails...
+        assert main(["--address", address, "--tls-ca", ca_path, "--timeout", "3"]) == 1
+        # ...unless the probe is told the name to expect.
+        args = [
+            "--address",
+            address,
+            "--tls-ca",
+            ca_path,
+            "--tls-server-name",
+            "zerotrain.internal",
+        ]
+        assert main(args) == 0, capsys.readouterr().err
+        # And a plaintext probe cannot talk to a TLS server.
+        assert main(["--address", address, "--timeout", "3"]) == 1
+    finally:
+        server.stop(None)
