@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     job_id = args.job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-    from service.runtime.trainer import resolve_storage, run_job
+    from service.runtime.trainer import check_job, resolve_storage, run_job
 
+    try:
+        check_job(spec, job_id=job_id, allow_custom_tasks=args.allow_custom_tasks)
+    except (SpecError, ValueError) as exc:
+        return _fail(str(exc), 2)
     try:
         _connect_ray()
         result = run_job(

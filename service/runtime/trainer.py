@@ -16,7 +16,14 @@ from typing import Any
 
 from service.spec import JobSpec, SpecError, is_custom_task
 
-__all__ = ["JOB_ID_PATTERN", "build_trainer", "default_storage", "resolve_storage", "run_job"]
+__all__ = [
+    "JOB_ID_PATTERN",
+    "build_trainer",
+    "check_job",
+    "default_storage",
+    "resolve_storage",
+    "run_job",
+]
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 """Job ids name the run directory: 1-128 characters of [A-Za-z0-9_.-]."""
@@ -37,6 +44,22 @@ def resolve_storage(storage: str | os.PathLike | None) -> str:
     return str(Path(storage).expanduser().resolve())
 
 
+def check_job(spec: JobSpec, *, job_id: str, allow_custom_tasks: bool = False) -> None:
+    """Checks that need no cluster: the job id's syntax and whether a custom task is allowed.
+
+    Raises ``ValueError`` for a bad job id and :class:`SpecError` for a disallowed task.
+    """
+    if not JOB_ID_PATTERN.match(job_id):
+        raise ValueError(f"job id must match {JOB_ID_PATTERN.pattern}, got {job_id!r}")
+    if is_custom_task(spec.task) and not allow_custom_tasks:
+        raise SpecError(
+            [
+                f"task: custom task {spec.task!r} is disabled (it runs arbitrary code); "
+                "enable custom tasks to allow it"
+            ]
+        )
+
+
 def build_trainer(
     spec: JobSpec,
     *,
@@ -51,15 +74,7 @@ def build_trainer(
 
     from service.runtime.worker import train_loop_per_worker
 
-    if not JOB_ID_PATTERN.match(job_id):
-        raise ValueError(f"job id must match {JOB_ID_PATTERN.pattern}, got {job_id!r}")
-    if is_custom_task(spec.task) and not allow_custom_tasks:
-        raise SpecError(
-            [
-                f"task: custom task {spec.task!r} is disabled (it runs arbitrary code); "
-                "enable custom tasks to allow it"
-            ]
-        )
+    check_job(spec, job_id=job_id, allow_custom_tasks=allow_custom_tasks)
     storage = resolve_storage(storage)
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker}

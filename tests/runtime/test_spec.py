@@ -236,3 +236,12 @@ def test_load_malformed_files_name_file_and_line(tmp_path):
     top_list.write_text("- 1\n")
     with pytest.raises(SpecError, match="spec: must be a mapping, got list"):
         load_spec(top_list)
+
+
+@pytest.mark.parametrize("name", ["digits_nadam", "charlm_adamax", "regression"])
+def test_examples_are_valid(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml"
+    spec = load_spec(path)
+    assert JobSpec.from_dict(spec.to_dict()) == spec
