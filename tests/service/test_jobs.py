@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from service.errors import (
@@ -34,7 +35,10 @@ pytestmark = pytest.mark.ray
 # Job name -> what the tiny entrypoint does.
 _SCRIPTS = {
     "quick": "import time; print('hello from the job', flush=True); time.sleep(4)",
-    "sleepy": "import time; print('sleeping', flush=True); time.sleep(60)",
+    "sleepy": (
+        "import os, subprocess, time; child = subprocess.Popen(['sleep', '60']);"
+        " print(f'pids {os.getpid()} {child.pid}', flush=True); time.sleep(60)"
+    ),
     "medium": "import time; print('working', flush=True); time.sleep(8)",
     "broken": (
         "import sys; print('zerotrain: error: task raised ValueError: boom', file=sys.stderr);"
@@ -46,6 +50,13 @@ _SCRIPTS = {
 def tiny_entrypoint(job_id: str, spec_json: str, storage: Path) -> str:
     script = _SCRIPTS[json.loads(spec_json)["name"]]
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def make_spec(name: str, **scaling) -> JobSpec:
@@ -164,12 +175,23 @@ def test_failure_reason_comes_from_the_log(manager: JobManager):
 def test_cancel_running_job(manager: JobManager, ray_jobs: RayJobs):
     record = manager.submit(make_spec("sleepy"), owner="alice")
     wait_for_state(manager, record.job_id, JobState.RUNNING)
+    deadline = time.monotonic() + 30
+    while not (lines := [x for x in manager.logs(record.job_id) if x.startswith("pids ")]):
+        assert time.monotonic() < deadline, "the job never printed its pids"
+        time.sleep(0.2)
+    pids = [int(p) for p in lines[0].split()[1:]]
+    assert all(psutil.pid_exists(p) for p in pids)
     cancelling = manager.cancel(record.job_id)
     assert cancelling.state in (JobState.CANCELLING, JobState.CANCELLED)
     events = collect(manager, record.job_id, timeout=30)
     states = [e.state for e in events if e.kind == "state"]
     assert states == [JobState.PENDING, JobState.RUNNING, JobState.CANCELLING, JobState.CANCELLED]
-    assert ray_jobs.info(record.ray_job_id).status == "STOPPED"
+    assert ray_jobs.info(record.job_id).status == "STOPPED"
+    # The job's processes, its child included, are really gone (by pid, not by Ray's word).
+    gone = time.monotonic() + 10
+    while alive := [p for p in pids if _running(p)]:
+        assert time.monotonic() < gone, f"processes {alive} of the cancelled job still run"
+        time.sleep(0.1)
     with pytest.raises(JobFinished):
         manager.cancel(record.job_id)
     with pytest.raises(JobNotFound):
