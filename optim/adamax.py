@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -182,22 +182,25 @@ def _foreach_adamax(
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_infs, steps]  # type: ignore[list-item]
     )
-    for (g_params, g_grads, g_exp_avgs, g_exp_infs, g_steps), _ in grouped.values():
+    for tensor_lists, _ in grouped.values():
+        g_params, g_grads, g_exp_avgs, g_exp_infs, g_steps = cast(
+            tuple[list[Tensor], ...], tensor_lists
+        )
         _common.complex_as_real(g_params, g_grads, g_exp_avgs, g_exp_infs)
         if maximize:
-            g_grads = torch._foreach_neg(g_grads)
+            g_grads = list(torch._foreach_neg(g_grads))
         _common.increment_steps(g_steps)
         if weight_decay != 0:
             if maximize:  # g_grads is already a private copy
                 torch._foreach_add_(g_grads, g_params, alpha=weight_decay)
             else:
-                g_grads = torch._foreach_add(g_grads, g_params, alpha=weight_decay)
+                g_grads = list(torch._foreach_add(g_grads, g_params, alpha=weight_decay))
         # Update biased first moment estimate.
         torch._foreach_lerp_(g_exp_avgs, g_grads, 1 - beta1)
         # Update the exponentially weighted infinity norm (never writing p.grad).
         torch._foreach_mul_(g_exp_infs, beta2)
         if not maximize and weight_decay == 0:
-            g_grads = torch._foreach_abs(g_grads)
+            g_grads = list(torch._foreach_abs(g_grads))
         else:
             torch._foreach_abs_(g_grads)
         torch._foreach_add_(g_grads, eps)

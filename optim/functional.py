@@ -48,7 +48,7 @@ def adamax_step(
     exp_avg: Tensor,
     exp_inf: Tensor,
     *,
-    step: int,
+    step: int | float,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -100,7 +100,7 @@ def adamax_step(
     torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
     # Only the first moment is bias corrected.
     clr = lr / (1 - beta1**step)
-    param.addcdiv_(exp_avg, exp_inf, value=-clr)
+    param.addcdiv_(exp_avg, exp_inf, value=-clr)  # type: ignore[arg-type]  # tensor lr: as torch
 
 
 def nadam_step(
@@ -110,7 +110,7 @@ def nadam_step(
     exp_avg_sq: Tensor,
     mu_product: Tensor,
     *,
-    step: int,
+    step: int | float,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -196,8 +196,8 @@ def nadam_step(
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
     # The Nesterov step: the current gradient's share, then the momentum's.
-    param.addcdiv_(grad, denom, value=grad_coeff)
-    param.addcdiv_(exp_avg, denom, value=exp_avg_coeff)
+    param.addcdiv_(grad, denom, value=grad_coeff)  # type: ignore[arg-type]
+    param.addcdiv_(exp_avg, denom, value=exp_avg_coeff)  # type: ignore[arg-type]
 
 
 def adamax_step_capturable(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -223,25 +223,21 @@ def _foreach_nadam(
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, mu_products, steps]  # type: ignore[list-item]
     )
-    for (
-        g_params,
-        g_grads,
-        g_exp_avgs,
-        g_exp_avg_sqs,
-        g_mu_products,
-        g_steps,
-    ), _ in grouped.values():
+    for tensor_lists, _ in grouped.values():
+        g_params, g_grads, g_exp_avgs, g_exp_avg_sqs, g_mu_products, g_steps = cast(
+            tuple[list[Tensor], ...], tensor_lists
+        )
         _common.complex_as_real(g_params, g_grads, g_exp_avgs, g_exp_avg_sqs)
         if maximize:
-            g_grads = torch._foreach_neg(g_grads)
+            g_grads = list(torch._foreach_neg(g_grads))
         _common.increment_steps(g_steps)
         if weight_decay != 0:
             if decoupled_weight_decay:
-                torch._foreach_mul_(g_params, 1 - lr * weight_decay)
+                torch._foreach_mul_(g_params, 1 - lr * weight_decay)  # type: ignore[arg-type]
             elif maximize:  # g_grads is already a private copy
                 torch._foreach_add_(g_grads, g_params, alpha=weight_decay)
             else:
-                g_grads = torch._foreach_add(g_grads, g_params, alpha=weight_decay)
+                g_grads = list(torch._foreach_add(g_grads, g_params, alpha=weight_decay))
         # Decay the first and second moment running averages.
         torch._foreach_lerp_(g_exp_avgs, g_grads, 1 - beta1)
         torch._foreach_mul_(g_exp_avg_sqs, beta2)
