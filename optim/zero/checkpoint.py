@@ -161,10 +161,10 @@ def save(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
     payload: dict[str, Any] = {"runs": [[lo, hi] for _, _, lo, hi in runs]}
     for k, name in enumerate(names):
         payload[name] = [
-            opt._state[b][k][s : s + hi - lo].clone() for b, s, lo, hi in runs
+            opt._state[b][k][s : s + hi - lo].to("cpu", copy=True) for b, s, lo, hi in runs
         ]
     payload["master"] = [
-        None if opt._master[b] is None else opt._master[b][s : s + hi - lo].clone()
+        None if opt._master[b] is None else opt._master[b][s : s + hi - lo].to("cpu", copy=True)
         for b, s, lo, hi in runs
     ]
     buffer = io.BytesIO()
@@ -286,7 +286,7 @@ def _load_local(opt: ZeroOptimizer, root: Path):
             continue
         data = _read_verified(root / entry["name"], entry["sha256"], entry["bytes"])
         try:
-            payload = torch.load(io.BytesIO(data), weights_only=True)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{root / entry['name']}: cannot be read ({e})") from None
         for key in (*names, "master"):

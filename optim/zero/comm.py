@@ -85,12 +85,20 @@ class Communicator:
         return tensor
 
     def all_gather_small(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Stack a small 1-D tensor from every rank: shape ``(world_size, n)``."""
+        """Stack a small 1-D tensor from every rank: shape ``(world_size, n)``, on its device."""
         if not self.distributed:
             return tensor.unsqueeze(0)
-        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_single(out, tensor.contiguous(), group=self.group)
-        return out.view(self.world_size, -1)
+        local = tensor.to(self.device).contiguous()
+        out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=self.device)
+        dist.all_gather_single(out, local, group=self.group)
+        return out.view(self.world_size, -1).to(tensor.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this backend wants small tensors (NCCL: the current CUDA device)."""
+        if self.distributed and self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def all_gather_object(self, obj: object) -> list[object]:
         """Gather a picklable object from every rank."""

@@ -12,10 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, store_path: str, backend: str, args: tuple
+) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -23,13 +27,16 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, 
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; re-raise failures."""
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; re-raise failures.
+
+    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``.
+    """
     with tempfile.TemporaryDirectory(prefix="zero-store-") as tmp:
         store_path = os.path.join(tmp, "store")
         mp.start_processes(
             _entry,
-            args=(fn, world_size, store_path, args),
+            args=(fn, world_size, store_path, backend, args),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -7,7 +7,6 @@ rank can compute it: the model is tiny), then compares.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -77,7 +76,8 @@ def batch(step: int, rank: int, size: int = 4) -> tuple[torch.Tensor, torch.Tens
 
 
 def loss_of(net: Net, step: int, rank: int, *, rank_dependent: bool = True) -> torch.Tensor:
-    tokens, targets = batch(step, rank)
+    device = net.l1.weight.device
+    tokens, targets = (t.to(device) for t in batch(step, rank))
     out = net(tokens, use_sometimes=step % 3 == 0, use_rank0=rank_dependent and rank == 0)
     return F.cross_entropy(out.float(), targets)
 
@@ -399,5 +399,26 @@ def ckpt_corrupt_worker(rank: int, world_size: int, root: str) -> None:
     torch.testing.assert_close(flat_params(net), expected, rtol=1e-5, atol=1e-6)
 
 
-def copy_net(net: Net) -> Net:
-    return copy.deepcopy(net)
+# --------------------------------------------------------------------- GPU
+
+
+def nccl_worker(rank: int, world_size: int) -> None:
+    """NCCL on CUDA: both sync modes match torch.optim on the averaged gradient."""
+    device = torch.device("cuda", rank)
+    for algo, grad_sync in (("adamax", "reduce_scatter"), ("nadam", "all_reduce")):
+        net, ref = make_net().to(device), make_net().to(device)
+        opt = ZeroOptimizer(
+            net.groups(lr=5e-3), optimizer_classes()[algo], grad_sync=grad_sync,
+            bucket_mb=TINY_BUCKET_MB, lr=1e-2,
+        )  # fmt: skip
+        assert opt.comm.backend == "nccl"
+        ref_opt = TORCH_CLASSES[algo](ref.groups(lr=5e-3), lr=1e-2, foreach=False)
+        for step in range(20):
+            opt.zero_grad()
+            loss_of(net, step * 10, rank).backward()
+            opt.step()
+            reference_grads(ref, step, world_size)
+            ref_opt.step()
+        torch.cuda.synchronize()
+        assert_same_on_all_ranks(net)
+        assert_params_close(net, ref, exact=False, rtol=1e-5)
