@@ -250,10 +250,19 @@ def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJ
         second.store.close()
 
 
-def test_start_submits_a_job_accepted_before_a_crash(tmp_path: Path, ray_jobs: RayJobs):
-    """The service stored a job, then died before handing it to Ray: start() submits it."""
+@pytest.mark.parametrize("ray_accepted_it", [False, True])
+def test_start_submits_a_job_accepted_before_a_crash(
+    tmp_path: Path, ray_jobs: RayJobs, ray_accepted_it: bool
+):
+    """The service stored a job, then died before recording its Ray submission.
+
+    Whether or not Ray got the submission, start() ends with exactly one Ray
+    job for it (the submission id is the job id) and tracks it to the end.
+    """
     store = JobStore(tmp_path / "jobs.db")
-    accepted = stored_job(store, "j-crashed-before-submit")
+    accepted = stored_job(store, f"j-crashed-{ray_accepted_it}".lower())
+    if ray_accepted_it:
+        ray_jobs.submit(accepted.job_id, tiny_entrypoint(accepted.job_id, '{"name": "quick"}', tmp_path))
     manager = JobManager(
         store, ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
         entrypoint_factory=tiny_entrypoint,
