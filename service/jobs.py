@@ -12,8 +12,11 @@ States::
              ▼
         CANCELLING ──► CANCELLED
 
-* PENDING: accepted and submitted to Ray; Ray has not started it yet.
+* PENDING: accepted and submitted to Ray; Ray has not started it yet. It can
+  also end FAILED directly (Ray refused the submission or lost the job).
 * RUNNING: Ray started the job's driver (or a worker already sent metrics).
+  Ray Train inside it may still be waiting for its workers' resources; the
+  first metrics record shows that training has started.
   A restart after a worker failure stays RUNNING with a new ``attempt``
   (and a state event saying so).
 * SUCCEEDED / FAILED / CANCELLED are terminal: nothing follows them.
