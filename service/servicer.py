@@ -163,7 +163,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             context,
             lambda: self._manager.watch(record.job_id, request.from_sequence, stop=stop),
         )
-        for event in _iterate(context, events):
+        for event in _iterate(context, events, stop):
             yield convert.event_to_proto(event)
 
     def StreamLogs(
@@ -175,7 +175,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         lines = _call(
             context, lambda: self._manager.logs(record.job_id, follow=request.follow, stop=stop)
         )
-        for line in _iterate(context, lines):
+        for line in _iterate(context, lines, stop):
             yield pb.LogLine(text=line.rstrip("\n"))
 
     # -------------------------------------------------------------------- helpers
@@ -227,14 +227,22 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
         _abort_for(context, exc)
 
 
-def _iterate(context: grpc.ServicerContext, items: Iterator[_T]) -> Iterator[_T]:
-    """Iterate a domain stream, turning its errors into statuses too."""
+def _iterate(
+    context: grpc.ServicerContext, items: Iterator[_T], ended: threading.Event
+) -> Iterator[_T]:
+    """Iterate a domain stream, turning its errors into statuses too.
+
+    Once the rpc has ended (``ended`` set: client gone, server stopping), an
+    error is no one's to report: the stream just stops.
+    """
     while True:
         try:
             item = next(items)
         except StopIteration:
             return
         except Exception as exc:
+            if ended.is_set():
+                return
             _abort_for(context, exc)
         yield item
 
