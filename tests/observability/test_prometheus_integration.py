@@ -121,7 +121,7 @@ def _finite_values(result: list[dict]) -> list[float]:
     return [float(r["value"][1]) for r in result if math.isfinite(float(r["value"][1]))]
 
 
-def test_every_dashboard_query_returns_data(prometheus_bin, tmp_path: Path, monkeypatch):
+def test_every_dashboard_query_returns_data(prometheus_bin, promtool, tmp_path: Path, monkeypatch):
     from service.api.zerotrain.v1 import job_service_pb2 as pb
     from service.client import JobClient
     from service.config import ServerConfig
@@ -188,6 +188,18 @@ def test_every_dashboard_query_returns_data(prometheus_bin, tmp_path: Path, monk
         assert {(r["metric"]["job_id"], r["metric"]["rank"]) for r in ranks} == {
             (j, rank) for j in job_ids for rank in ("0", "1")
         }
+
+        # The real service's page passes promtool's lint with every series populated.
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10
+        ) as response:
+            page = response.read().decode()
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=60
+        )
+        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), (
+            lint.stdout + lint.stderr
+        )
 
         # The alert rules loaded and evaluate without errors; none fires on a healthy run.
         groups = _get_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
