@@ -171,7 +171,7 @@ class _TrainingCollector(Collector):
         )
         steps = CounterMetricFamily(
             "zerotrain_training_steps",
-            "Optimizer steps trained, counting steps replayed after a restart.",
+            "Optimizer steps trained; keeps counting across restarts (rate() gives steps/s).",
             labels=["job_id"],
         )
         restarts = CounterMetricFamily(
