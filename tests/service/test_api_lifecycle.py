@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from api_support import TOKENS, hermetic_client_env, make_auth  # noqa: F401
+from api_support import TOKENS, hermetic_client_env, make_auth, make_pki  # noqa: F401
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import cli
@@ -228,27 +228,43 @@ def test_service_restart_mid_job(ray_jobs: RayJobs, tmp_path: Path):
         client.close()
 
 
-def test_serve_command_starts_and_stops_cleanly(ray_cluster: str, tmp_path: Path):
-    env = {**os.environ, "ZEROTRAIN_DATA_DIR": str(tmp_path / "data")}
+def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, capsys):
+    pki = make_pki().write(tmp_path)
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  - {{token: {TOKENS['alice']}, principal: alice}}\n")
+    env = {
+        **os.environ,
+        "ZEROTRAIN_DATA_DIR": str(tmp_path / "data"),
+        "ZEROTRAIN_TOKENS_FILE": str(tokens),
+        "ZEROTRAIN_TLS_CERT": str(pki["server_cert"]),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0",
-         "--metrics-port", "0", "--ray-address", ray_cluster, "--insecure-no-auth"],
+         "--metrics-port", "-1", "--ray-address", ray_cluster,
+         "--tls-key", str(pki["server_key"])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
         assert line.startswith("zerotrain: serving on 127.0.0.1:"), (line, proc.stderr.read())
         address = line.split()[-1]
-        channel = grpc.insecure_channel(address)
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10
-        )
+        credentials = grpc.ssl_channel_credentials(pki["ca"].read_bytes())
+        with grpc.secure_channel(address, credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        channel.close()
+        base = ["--address", address, "--ca", str(pki["ca"])]
+        assert cli.main([*base, "--token", TOKENS["alice"], "list"]) == 0
+        assert cli.main([*base, "--token", "wrong-token-0123456789", "list"]) == 4
+        assert (
+            cli.main(["--address", address, "--token", TOKENS["alice"], "list"]) == 5
+        )  # plaintext
+        capsys.readouterr()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         stderr = proc.stderr.read()
-        assert "authentication is DISABLED" in stderr and "SIGTERM" in stderr
+        assert "SIGTERM" in stderr and TOKENS["alice"] not in stderr
     finally:
         if proc.poll() is None:
             proc.kill()
