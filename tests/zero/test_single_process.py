@@ -189,3 +189,25 @@ def test_single_process_checkpoint_round_trip_and_errors(tmp_path) -> None:
     (tmp_path / "ck" / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest is corrupted"):
         other.load_checkpoint(str(tmp_path / "ck"))
+
+
+def test_lr_scheduler_and_nonfinite_skip_single_process() -> None:
+    net, ref = workers.make_net(), workers.make_net()
+    opt = ZeroOptimizer(net.parameters(), Adamax, lr=0.1)
+    ref_opt = torch.optim.Adamax(ref.parameters(), lr=0.1)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref_opt)]
+    for step in range(4):
+        for model, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss = workers.loss_of(model, step, 0)
+            if step == 2 and o is opt:
+                loss = loss * float("inf")
+            loss.backward()
+            if step != 2 or o is opt:
+                o.step()
+        for s in scheds:
+            s.step()
+    assert opt.skipped_steps == 1 and opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    workers.assert_params_close(net, ref, exact=True)
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 1.0 and stats["step"] == 3.0 and stats["lr"] == 0.1 * 0.5**4
