@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from optim import functional
 from optim.functional import adamax_step, nadam_step
 
-SHAPES = [(17, 5), (33,), (4, 3, 2), (1,)]  # 143 elements: not a multiple of any vector width
+SHAPES = [(17, 5), (301, 500), (33,), (4, 3, 2), (1,)]  # odd sizes; > 2 eager chunks in all
 
 
 def _flat_and_views(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
