@@ -550,13 +550,16 @@ class JobManager:
             return
         if status == "RUNNING":
             if record.state == JobState.PENDING:
-                self._mark_running(record, info)
+                self._mark_running(record)
             elif record.state == JobState.CANCELLING:
                 self._stop_in_ray(record)  # stop is idempotent; retry until Ray stops it
             return
-        # Terminal in Ray.
-        if record.state == JobState.PENDING and info.start_time is not None:
-            self._mark_running(record, info)
+        # Terminal in Ray. A job that ran (its entrypoint exited, or it
+        # succeeded) between two polls still shows its RUNNING transition.
+        if record.state == JobState.PENDING and (
+            status == "SUCCEEDED" or info.driver_exit_code is not None
+        ):
+            self._mark_running(record)
         if status == "SUCCEEDED":
             if not self._final_metrics_arrived(record):
                 return
@@ -564,7 +567,7 @@ class JobManager:
             if record.state == JobState.CANCELLING:
                 reason = "finished successfully before the cancel took effect"
             self._transition(
-                job_id, JobState.SUCCEEDED, reason, expect=_UNFINISHED, event_time=info.end_time
+                job_id, JobState.SUCCEEDED, reason, expect=_UNFINISHED, finished_at=info.end_time or self._clock()
             )
         elif record.state == JobState.CANCELLING:
             self._transition(
@@ -572,7 +575,7 @@ class JobManager:
                 JobState.CANCELLED,
                 "cancelled by request",
                 expect=(JobState.CANCELLING,),
-                event_time=info.end_time,
+                finished_at=info.end_time or self._clock(),
             )
         elif status == "STOPPED":
             self._transition(
@@ -580,7 +583,7 @@ class JobManager:
                 JobState.CANCELLED,
                 "stopped in Ray outside the service",
                 expect=_ACTIVE,
-                event_time=info.end_time,
+                finished_at=info.end_time or self._clock(),
             )
         else:  # FAILED
             self._transition(
@@ -588,17 +591,16 @@ class JobManager:
                 JobState.FAILED,
                 self._failure_reason(record.ray_job_id, info),
                 expect=_ACTIVE,
-                event_time=info.end_time,
+                finished_at=info.end_time or self._clock(),
             )
 
-    def _mark_running(self, record: JobRecord, info: RayJobInfo) -> None:
+    def _mark_running(self, record: JobRecord) -> None:
         self._transition(
             record.job_id,
             JobState.RUNNING,
             "started",
             expect=(JobState.PENDING,),
-            event_time=info.start_time,
-            started_at=info.start_time or self._clock(),
+            started_at=self._clock(),
             attempt=max(record.attempt, 1),
         )
 
@@ -653,21 +655,19 @@ class JobManager:
         reason: str,
         *,
         expect: tuple[JobState, ...],
-        event_time: float | None = None,
         **fields: Any,
     ) -> JobRecord | None:
         """Compare-and-set the job's state; returns the new record or ``None``."""
         with self._write_lock:
             now = self._clock()
             if state in TERMINAL_STATES:
-                fields.setdefault("finished_at", event_time or now)
+                fields.setdefault("finished_at", now)
             result = self.store.update_job(
                 job_id,
                 state=state,
                 reason=reason,
                 expect_states=expect,
                 now=now,
-                event_time=event_time,
                 **fields,
             )
         if result is None:

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.ray
 
 # Job name -> what the tiny entrypoint does.
 _SCRIPTS = {
+    "instant": "print('done', flush=True)",
     "quick": "import time; print('hello from the job', flush=True); time.sleep(4)",
     "sleepy": (
         "import os, subprocess, time; child = subprocess.Popen(['sleep', '60']);"
@@ -212,9 +213,9 @@ def test_refusals_change_nothing(manager: JobManager):
 
 
 def test_idempotent_submit_starts_one_job(manager: JobManager, ray_jobs: RayJobs):
-    first = manager.submit(make_spec("quick"), owner="bob", idempotency_key="k-1")
-    again = manager.submit(make_spec("quick"), owner="bob", idempotency_key="k-1")
-    other = manager.submit(make_spec("quick"), owner="carol", idempotency_key="k-1")
+    first = manager.submit(make_spec("instant"), owner="bob", idempotency_key="k-1")
+    again = manager.submit(make_spec("instant"), owner="bob", idempotency_key="k-1")
+    other = manager.submit(make_spec("instant"), owner="carol", idempotency_key="k-1")
     assert again.job_id == first.job_id and other.job_id != first.job_id
     assert len(manager.list(owner="bob")[0]) == 1
     for job_id in (first.job_id, other.job_id):
@@ -260,9 +261,10 @@ def test_start_submits_a_job_accepted_before_a_crash(
     job for it (the submission id is the job id) and tracks it to the end.
     """
     store = JobStore(tmp_path / "jobs.db")
-    accepted = stored_job(store, f"j-crashed-{ray_accepted_it}".lower())
+    accepted = stored_job(store, f"j-crashed-{ray_accepted_it}".lower(), "instant")
     if ray_accepted_it:
-        ray_jobs.submit(accepted.job_id, tiny_entrypoint(accepted.job_id, '{"name": "quick"}', tmp_path))
+        entrypoint = tiny_entrypoint(accepted.job_id, '{"name": "instant"}', tmp_path)
+        ray_jobs.submit(accepted.job_id, entrypoint)
     manager = JobManager(
         store, ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
         entrypoint_factory=tiny_entrypoint,
