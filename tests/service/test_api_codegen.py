@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,19 @@ def test_drift_is_detected(tmp_path):
     (package / "job_service_pb2.py").write_text("# tampered\n")
     (package / "job_service_pb2_grpc.py").unlink()
     assert generate.drifted_files(package) == ["job_service_pb2.py", "job_service_pb2_grpc.py"]
+
+
+def test_generator_version_stamps_are_not_drift(tmp_path):
+    generate.generate(tmp_path)
+    package = tmp_path / "service" / "api" / "zerotrain" / "v1"
+    pb2 = package / "job_service_pb2.py"
+    text = pb2.read_text()
+    stamped = re.sub(r"# Protobuf Python Version: .*", "# Protobuf Python Version: 99.0.0", text)
+    assert stamped != text
+    pb2.write_text(stamped)
+    assert generate.drifted_files(package) == []
+    pb2.write_text(stamped.replace("zerotrain.v1", "zerotrain.v2"))
+    assert generate.drifted_files(package) == ["job_service_pb2.py"]
 
 
 def test_generated_imports_are_package_absolute():
