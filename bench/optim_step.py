@@ -242,6 +242,7 @@ def _write_json(path: Path, report: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=2)
         tmp = Path(f.name)
+    tmp.chmod(0o644)
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
