@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the bound address; env ZEROTRAIN_INGEST_ADVERTISE)")  # fmt: skip
     add("--ingest-ca", type=Path, help="PEM CA file the workers verify this server's TLS "
         "certificate with (default: --tls-cert; env ZEROTRAIN_INGEST_CA_FILE)")  # fmt: skip
+    add("--ingest-port", type=int, help="with mutual TLS: port of the ReportMetrics-only "
+        "server-TLS listener for workers (default 0: any free; env ZEROTRAIN_INGEST_PORT)")  # fmt: skip
     add("--allow-custom-tasks", action="store_true", default=None,
         help="accept package.module:function tasks (arbitrary code; env ZEROTRAIN_ALLOW_CUSTOM_TASKS)")  # fmt: skip
     add("--insecure-no-auth", action="store_true", default=None,
@@ -73,7 +75,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     """Flags over environment over defaults; ``ConfigError`` names the bad setting."""
     values: dict[str, Any] = ServerConfig.env_defaults(env)
     for key in ("address", "metrics_port", "data_dir", "ray_address", "ray_num_cpus",
-                "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address", "ingest_ca",
+                "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address", "ingest_ca", "ingest_port",
                 "allow_custom_tasks", "insecure_no_auth"):  # fmt: skip
         value = getattr(args, key, None)
         if value is not None:

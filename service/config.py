@@ -20,6 +20,10 @@ flag                       environment                     default
 ``--ingest-address``       ``ZEROTRAIN_INGEST_ADVERTISE``  the bound address
 ``--ingest-ca``            ``ZEROTRAIN_INGEST_CA_FILE``    ``--tls-cert`` (the CA file
                                                            workers verify us with)
+``--ingest-port``          ``ZEROTRAIN_INGEST_PORT``       0 (any free port); with
+                                                           mutual TLS, workers report
+                                                           on this ReportMetrics-only,
+                                                           server-TLS port
 ``--allow-custom-tasks``   ``ZEROTRAIN_ALLOW_CUSTOM_TASKS``  off
 ``--insecure-no-auth``     ``ZEROTRAIN_INSECURE_NO_AUTH``  off (forces a loopback bind)
 =========================  ==============================  ==========================
@@ -109,6 +113,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     ingest_address: str = ""
     ingest_ca: Path | None = None
+    ingest_port: int = 0
     allow_custom_tasks: bool = False
     insecure_no_auth: bool = False
 
@@ -122,6 +127,8 @@ class ServerConfig:
                 check()
             except ConfigError as exc:
                 errors.append(str(exc))
+        if not 0 <= self.ingest_port <= 65535:
+            errors.append(f"--ingest-port: must be in 0..65535, got {self.ingest_port}")
         if not -1 <= self.metrics_port <= 65535:
             errors.append(f"--metrics-port: must be in -1..65535, got {self.metrics_port}")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
@@ -165,7 +172,8 @@ class ServerConfig:
             if env.get(name):
                 out[key] = env[name]
         for key, name in (("metrics_port", "ZEROTRAIN_METRICS_PORT"),
-                          ("ray_num_cpus", "ZEROTRAIN_RAY_NUM_CPUS")):  # fmt: skip
+                          ("ray_num_cpus", "ZEROTRAIN_RAY_NUM_CPUS"),
+                          ("ingest_port", "ZEROTRAIN_INGEST_PORT")):  # fmt: skip
             if (value := integer(name)) is not None:
                 out[key] = value
         for key, name in (

@@ -34,6 +34,7 @@ __all__ = [
     "SERVICE_NAME",
     "Service",
     "TlsConfig",
+    "create_ingest_server",
     "create_server",
     "is_loopback",
     "stop_server",
@@ -163,6 +164,59 @@ def create_server(
     return server, port
 
 
+def create_ingest_server(
+    address: str,
+    manager: Any,
+    *,
+    auth: Authenticator,
+    tls: TlsConfig | None = None,
+    metrics: Any | None = None,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int]:
+    """A second, started server that exposes only ``JobService/ReportMetrics``.
+
+    For mutual TLS: workers have no client certificate, so they push metrics
+    here instead, over server-only TLS (``tls.client_ca`` is ignored) and with
+    their per-job ingest token. Every other rpc is UNIMPLEMENTED on this port.
+    """
+    servicer = JobServicer(manager, auth)
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "ReportMetrics": grpc.unary_unary_rpc_method_handler(
+                servicer.ReportMetrics,
+                request_deserializer=pb.ReportMetricsRequest.FromString,
+                response_serializer=pb.ReportMetricsResponse.SerializeToString,
+            )
+        },
+    )
+    interceptors: list[grpc.ServerInterceptor] = []
+    if metrics is not None:
+        from service.metrics import MetricsInterceptor
+
+        interceptors.append(MetricsInterceptor(metrics))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-ingest"),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=max_workers,
+        options=[
+            ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    if tls is not None:
+        server_only = TlsConfig(tls.cert_chain, tls.private_key, None)
+        port = server.add_secure_port(address, server_only.credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address!r} (in use or not a local address)")
+    server.start()
+    log.info("metrics ingestion (ReportMetrics only) listening on %s (port %d)", address, port)
+    return server, port
+
+
 def stop_server(server: grpc.Server, grace: float = 5.0) -> None:
     """Report NOT_SERVING, cancel open streams after ``grace`` seconds, and wait."""
     health_servicer = getattr(server, "health_servicer", None)
@@ -225,11 +279,6 @@ class Service:
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
-            if config.tls_client_ca is not None:
-                log.warning(
-                    "mutual TLS: workers have no client certificate, so their metrics "
-                    "records cannot reach ReportMetrics; jobs run, metrics stay in their logs"
-                )
 
         store = JobStore(data_dir / "jobs.db")
         self._closers.append(store.close)
@@ -269,8 +318,16 @@ class Service:
         )
         # Stopped first: open watch streams end with UNAVAILABLE, so clients resume elsewhere.
         self._closers.append(lambda: stop_server(self.server, 2.0))  # type: ignore[arg-type]
+        ingest_port = self.port
+        if tls is not None and tls.client_ca is not None:
+            # Workers have no client certificate: they report on an ingest-only port.
+            host = config.address.rsplit(":", 1)[0]
+            ingest_server, ingest_port = create_ingest_server(
+                f"{host}:{config.ingest_port}", manager, auth=auth, tls=tls, metrics=metrics
+            )
+            self._closers.append(lambda: stop_server(ingest_server, 2.0))
         if not config.ingest_address:  # known only now when the port was 0
-            manager.ingest_address = _advertised(config.address, self.port)
+            manager.ingest_address = _advertised(config.address, ingest_port)
         manager.start()
 
     def stop(self, grace: float = 5.0) -> None:

@@ -33,7 +33,7 @@ from service.auth import Authenticator
 from service.client import ApiError, JobClient
 from service.ingest_client import GrpcSink, IngestError
 from service.jobs import JobManager
-from service.server import create_server
+from service.server import create_ingest_server, create_server, stop_server
 from service.store import JobState, JobStore
 
 
@@ -345,3 +345,33 @@ def test_tls_and_mutual_tls(manager: JobManager, tmp_path: Path):
             "client_key": rogue_files["client_key"],
         }
         assert get(p, ca=files["ca"], **rogue_client) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_workers_report_on_the_ingest_only_port(manager: JobManager, tmp_path: Path):
+    pki = make_pki()
+    files = pki.write(tmp_path)
+    seed_job(manager.store, "j-alice", "alice")
+    auth = make_auth()
+    server, port = create_ingest_server(
+        "127.0.0.1:0", manager, auth=auth, tls=pki.server_tls(mutual=True)
+    )
+    try:
+        # No client certificate needed here, only the job's ingest token.
+        sink = GrpcSink(f"127.0.0.1:{port}", "j-alice", token=auth.ingest_token_for("j-alice"),
+                        ca=files["ca"])  # fmt: skip
+        sink.send({"attempt": 1, "step": 7})
+        assert manager.get("j-alice").latest_metrics["step"] == 7
+        with pytest.raises(IngestError) as info:  # a user token is no ingest token
+            GrpcSink(f"127.0.0.1:{port}", "j-alice", token=TOKENS["alice"], ca=files["ca"]).send(
+                {"attempt": 1, "step": 8}
+            )
+        assert info.value.code == "UNAUTHENTICATED"
+        # Nothing else is served on this port.
+        client = JobClient(f"127.0.0.1:{port}", token=TOKENS["root"], ca=files["ca"], timeout_s=5)
+        with pytest.raises(ApiError) as api:
+            client.get("j-alice")
+        assert api.value.code == grpc.StatusCode.UNIMPLEMENTED
+        client.close()
+        sink.close()
+    finally:
+        stop_server(server, grace=0.5)
