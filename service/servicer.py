@@ -125,9 +125,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         """Ask the job to stop."""
-        record = self._owned_job(request.job_id, context)
+        principal = self._principal(context)
+        record = self._owned_job(request.job_id, context, principal)
         cancelled = _call(context, lambda: self._manager.cancel(record.job_id))
-        log.info("%s cancelled job %s", self._principal(context).name, record.job_id)
+        log.info("%s cancelled job %s", principal.name, record.job_id)
         return convert.job_to_proto(cancelled)
 
     def ReportMetrics(
@@ -185,8 +186,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         return principal
 
-    def _owned_job(self, job_id: str, context: grpc.ServicerContext) -> Any:
-        principal = self._principal(context)
+    def _owned_job(
+        self, job_id: str, context: grpc.ServicerContext, principal: Principal | None = None
+    ) -> Any:
+        """The job's record if the caller may see it (else the rpc is aborted)."""
+        principal = principal or self._principal(context)
         _check_id(job_id, context)
         record = _call(context, lambda: self._manager.get(job_id))
         if not principal.may_access(record.owner):
