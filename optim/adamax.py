@@ -49,7 +49,8 @@ class Adamax(Optimizer):
         maximize: maximize the objective instead of minimizing it.
         differentiable: not supported; ``True`` raises ``ValueError``.
         capturable: keep the step count on the device so the step can be
-            captured in a CUDA graph (parameters must be on CUDA/XPU).
+            captured in a CUDA graph (parameters on CUDA/XPU). Uses torch's
+            for-loop capturable arithmetic whatever ``foreach`` says.
 
     Reference: D. P. Kingma, J. Ba, "Adam: A Method for Stochastic
     Optimization", ICLR 2015, https://arxiv.org/abs/1412.6980 (section 7.1).

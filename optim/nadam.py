@@ -69,7 +69,8 @@ class Nadam(Optimizer):
             ``None`` picks it when every parameter is on CUDA, as torch does.
         maximize: maximize the objective instead of minimizing it.
         capturable: keep ``step`` and ``mu_product`` on the device so the step can
-            be captured in a CUDA graph (parameters must be on CUDA/XPU).
+            be captured in a CUDA graph (parameters on CUDA/XPU). Uses torch's
+            for-loop capturable arithmetic whatever ``foreach`` says.
         differentiable: not supported; ``True`` raises ``ValueError``.
 
     References: T. Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016
