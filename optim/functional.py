@@ -65,7 +65,7 @@ def adamax_step(
         exp_avg: first moment ``m``, updated in place.
         exp_inf: exponentially weighted infinity norm ``u``, updated in place.
         step: the step number after incrementing (1 on the first update).
-        lr: learning rate (float or 0-dim tensor, as torch accepts).
+        lr: learning rate (float or 1-element tensor, as torch accepts).
         beta1, beta2, eps, weight_decay, maximize: as in ``torch.optim.Adamax``.
         compile: run the fused ``torch.compile`` kernel (opt-in).
 
@@ -77,6 +77,7 @@ def adamax_step(
         p = p - lr / (1 - beta1**step) * m / u
     """
     _check_same_layout("adamax_step", param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    lr = _scalar_lr(lr)
     if torch.is_complex(param):
         param, grad, exp_avg, exp_inf = _view_as_real(param, grad, exp_avg, exp_inf)
     if compile and _fused_supported(param):
@@ -151,7 +152,7 @@ def nadam_step(
             entry (1.0 before the first step); multiplied by ``mu_step`` in place,
             exactly as ``torch.optim.NAdam`` keeps its ``mu_product`` state.
         step: the step number after incrementing (1 on the first update).
-        lr: learning rate (float or 0-dim tensor, as torch accepts).
+        lr: learning rate (float or 1-element tensor, as torch accepts).
         beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay,
             maximize: as in ``torch.optim.NAdam``.
         compile: run the fused ``torch.compile`` kernel (opt-in).
@@ -167,6 +168,7 @@ def nadam_step(
               - lr * mu_{t+1} / (1 - prod_{i<=t+1} mu_i) * m / denom
     """
     _check_same_layout("nadam_step", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    lr = _scalar_lr(lr)
     if torch.is_complex(param):
         param, grad, exp_avg, exp_avg_sq = _view_as_real(param, grad, exp_avg, exp_avg_sq)
     if mu_product.dim() != 0:
@@ -484,6 +486,17 @@ def _view_as_real(*tensors: Tensor) -> tuple[Tensor, ...]:
 def _scalar_tensor(param: Tensor, values: list[float]) -> Tensor:
     # In param's dtype: eager casts its python-scalar operands the same way.
     return torch.tensor(values, dtype=param.dtype).to(param.device, non_blocking=True)
+
+
+def _scalar_lr(lr: float | Tensor) -> float | Tensor:
+    # A 1-element tensor lr (as a param group may hold) becomes 0-dim, as torch does.
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}"
+            )
+        return lr.reshape(())
+    return lr
 
 
 def _to_float(value: float | Tensor) -> float:

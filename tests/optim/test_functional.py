@@ -161,3 +161,26 @@ def test_bad_buffers_are_rejected_naming_the_argument() -> None:
             p, g, torch.zeros(4), torch.zeros(4), torch.ones(1),
             momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, **common,
         )  # fmt: skip
+
+
+def test_one_element_tensor_lr_matches_float_lr_arithmetic() -> None:
+    # A param group's lr may be a 1-element tensor: same result as torch, which squeezes it.
+    for algorithm, torch_cls in (("adamax", torch.optim.Adamax), ("nadam", torch.optim.NAdam)):
+        lr = torch.tensor([0.01])
+        param = torch.nn.Parameter(torch.randn(10))
+        p, m, u = param.detach().clone(), torch.zeros(10), torch.zeros(10)
+        mu_product = torch.tensor(1.0)
+        reference = torch_cls([param], lr=lr, foreach=False)
+        for step in range(1, 4):
+            g = torch.randn(10)
+            param.grad = g.clone()
+            reference.step()
+            common = {"step": step, "lr": lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+            if algorithm == "adamax":
+                adamax_step(p, g, m, u, weight_decay=0.0, maximize=False, **common)
+            else:
+                nadam_step(
+                    p, g, m, u, mu_product, weight_decay=0.0, momentum_decay=4e-3,
+                    decoupled_weight_decay=False, maximize=False, **common,
+                )  # fmt: skip
+        assert torch.equal(p, param.detach()), algorithm
