@@ -1,7 +1,8 @@
 """``python -m service serve`` (console script ``zerotrain-serve``): run the service.
 
 Every flag falls back to an environment variable (see :mod:`service.config`).
-Runs until SIGTERM or SIGINT, then stops serving (open streams get a few
+SIGHUP re-reads the tokens file (rotation without a restart; a bad file keeps
+the current tokens). Runs until SIGTERM or SIGINT, then stops serving (open streams get a few
 seconds of grace), stops the job manager and, unless ``--keep-ray``, the
 embedded Ray head. Jobs on an external cluster keep running; a restarted
 service re-attaches to them.
@@ -106,8 +107,9 @@ def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
         log.info("received %s; shutting down", signal.Signals(signum).name)
         stopping.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     service = Service(config, keep_ray=keep_ray)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: service.reload_tokens())
     try:
         service.start()
         if config.insecure_no_auth:

@@ -196,6 +196,18 @@ class Authenticator:
         """Build from ``{token: principal}`` (tests, embedding)."""
         return cls([(_digest(t), p) for t, p in tokens.items()], **kwargs)
 
+    def reload(self, path: str | Path) -> int:
+        """Replace the tokens with those of ``path`` (token rotation without a restart).
+
+        All or nothing: a bad file raises :class:`TokenFileError` and the old
+        tokens stay. Returns the number of tokens now accepted.
+        """
+        if self._tokens is None:
+            raise TokenFileError("authentication is disabled; there are no tokens to reload")
+        tokens = load_tokens(path)
+        self._tokens = tokens  # one reference swap: concurrent checks see old or new
+        return len(tokens)
+
     def ingest_token_for(self, job_id: str) -> str:
         """The ingest token the service hands the workers of ``job_id``."""
         return ingest_token(self.ingest_secret, job_id)

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, AuthInterceptor, new_ingest_secret
+from service.auth import Authenticator, AuthInterceptor, TokenFileError, new_ingest_secret
 from service.config import ServerConfig
 from service.servicer import JobServicer
 
@@ -243,6 +243,7 @@ class Service:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.ray_address: str | None = None
+        self._auth: Authenticator | None = None
         self._closers: list[Any] = []
 
     @property
@@ -276,6 +277,7 @@ class Service:
             # The ingest secret outlives restarts: running jobs keep valid tokens.
             secret = _load_or_create_secret(data_dir / "ingest.secret")
             auth = Authenticator.from_file(config.tokens_file, ingest_secret=secret)
+        self._auth = auth
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -329,6 +331,17 @@ class Service:
         if not config.ingest_address:  # known only now when the port was 0
             manager.ingest_address = _advertised(config.address, ingest_port)
         manager.start()
+
+    def reload_tokens(self) -> None:
+        """Re-read the tokens file (SIGHUP); on error keep the current tokens and log why."""
+        if self.config.tokens_file is None or self._auth is None:
+            return
+        try:
+            count = self._auth.reload(self.config.tokens_file)
+        except (TokenFileError, OSError) as exc:
+            log.error("tokens file not reloaded, keeping the current tokens: %s", exc)
+            return
+        log.info("reloaded %d token(s) from %s", count, self.config.tokens_file)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and release everything (idempotent)."""

@@ -257,9 +257,13 @@ def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, cap
         base = ["--address", address, "--ca", str(pki["ca"])]
         assert cli.main([*base, "--token", TOKENS["alice"], "list"]) == 0
         assert cli.main([*base, "--token", "wrong-token-0123456789", "list"]) == 4
-        assert (
-            cli.main(["--address", address, "--token", TOKENS["alice"], "list"]) == 5
-        )  # plaintext
+        plaintext = ["--address", address, "--token", TOKENS["alice"], "list"]
+        assert cli.main(plaintext) == 5  # the server speaks TLS only
+        # Token rotation: SIGHUP re-reads the tokens file.
+        tokens.write_text(f"tokens:\n  - {{token: {TOKENS['bob']}, principal: bob}}\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: cli.main([*base, "--token", TOKENS["bob"], "list"]) == 0, 20, "reload")
+        assert cli.main([*base, "--token", TOKENS["alice"], "list"]) == 4
         capsys.readouterr()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

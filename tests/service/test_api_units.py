@@ -129,6 +129,21 @@ def test_tokens_file_yaml_json_and_hashed(tmp_path: Path):
     assert [p.name for _, p in load_tokens(json_file)] == ["c"]
 
 
+def test_tokens_reload_is_all_or_nothing(tmp_path: Path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text("tokens:\n  - {token: first-secret-0123456789, principal: a}\n")
+    auth = Authenticator.from_file(path)
+    md = lambda t: [("authorization", f"Bearer {t}")]  # noqa: E731
+    path.write_text("tokens:\n  - {token: second-secret-012345678, principal: a}\n")
+    assert auth.reload(path) == 1
+    assert auth.authenticate(md("first-secret-0123456789")) is None
+    assert auth.authenticate(md("second-secret-012345678")).name == "a"
+    path.write_text("tokens:\n  - {token: short, principal: a}\n")
+    with pytest.raises(TokenFileError):
+        auth.reload(path)
+    assert auth.authenticate(md("second-secret-012345678")).name == "a"  # kept
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
