@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class RayNode:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the node (``ray start --block`` stops its processes), then kill leftovers."""
         try:
             root = psutil.Process(self.process.pid)
@@ -178,6 +179,6 @@ class MultiNodeCluster:
         raise TimeoutError(f"{count} Ray nodes not alive in {timeout_s}s ({last_error}):\n{logs}")
 
     def shutdown(self) -> None:
-        """Stop worker nodes first, then the head: only the processes started here."""
-        for node in reversed(self.nodes):
-            node.stop()
+        """Stop every node started here (only those processes), all at once."""
+        with ThreadPoolExecutor(max_workers=max(len(self.nodes), 1)) as pool:
+            list(pool.map(RayNode.stop, self.nodes))
