@@ -80,8 +80,9 @@ class JobServiceServicer:
         """Validates a job description and queues it. With an idempotency key, a
         retried submit returns the job the first one created instead of a second
         job. Errors: INVALID_ARGUMENT lists every bad field with its rule;
-        FAILED_PRECONDITION / RESOURCE_EXHAUSTED when the cluster can never
-        satisfy the resource request.
+        FAILED_PRECONDITION when the cluster can never satisfy the resource
+        request (with the reason); PERMISSION_DENIED for a custom-code task on a
+        server that does not allow them; UNAVAILABLE when Ray cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
