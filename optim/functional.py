@@ -179,9 +179,10 @@ def nadam_step(
     # The momentum cache mu_t and mu_{t+1}.
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    # In place, in mu_product's own dtype: torch rounds the product the same way.
-    mu_product *= mu
-    mu_product_value = mu_product.item()
+    # In mu_product's own dtype, as torch's in-place product rounds it; stored
+    # only once the update has run.
+    new_mu_product = mu_product * mu
+    mu_product_value = new_mu_product.item()
     mu_product_next = mu_product_value * mu_next
     grad_coeff = -lr * (1.0 - mu) / (1.0 - mu_product_value)
     exp_avg_coeff = (-lr * mu_next) / (1.0 - mu_product_next)
@@ -202,6 +203,7 @@ def nadam_step(
             weight_decay_mode=_weight_decay_mode(weight_decay, decoupled_weight_decay),
             small_weight=_is_small_lerp_weight(1 - beta1),
         )  # fmt: skip
+        mu_product.copy_(new_mu_product)
         return
 
     for chunk in _cache_sized_chunks(param, grad, exp_avg, exp_avg_sq):
@@ -211,6 +213,7 @@ def nadam_step(
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )  # fmt: skip
+    mu_product.copy_(new_mu_product)
 
 
 def _nadam_eager(
