@@ -31,6 +31,7 @@ __all__ = [
     "build_configmap",
     "build_dashboard",
     "build_prometheus_rule",
+    "dashboard_legend_labels",
     "dashboard_queries",
     "render",
 ]
@@ -479,6 +480,18 @@ def dashboard_queries(
             where = f"panel {panel['title']!r} {target['refId']}"
             out.append((where, to_promql(where, target["expr"])))
     return out
+
+
+def dashboard_legend_labels(path: Path = DASHBOARD_PATH) -> dict[str, set[str]]:
+    """Labels each panel query's legend shows (``{{job_id}}`` ...), keyed like :func:`dashboard_queries`."""
+    dashboard = json.loads(path.read_text())
+    return {
+        f"panel {panel['title']!r} {target['refId']}": set(
+            re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", ""))
+        )
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
 
 
 def _write_atomic(path: Path, text: str) -> None:

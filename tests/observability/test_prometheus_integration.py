@@ -171,12 +171,20 @@ def test_every_dashboard_query_returns_data(prometheus_bin, promtool, tmp_path: 
             assert time.monotonic() < deadline, f"finished jobs not scraped: {active}"
             time.sleep(1)
 
-        empty = []
-        for where, expr in load_generate().dashboard_queries(rate_interval="5m"):
+        generate = load_generate()
+        legends = generate.dashboard_legend_labels()
+        empty, unlabelled = [], []
+        for where, expr in generate.dashboard_queries(rate_interval="5m"):
             result = prometheus.query(expr)
             if not _finite_values(result):
                 empty.append(f"{where}: {expr} -> {result}")
+            # Every label a panel's legend shows is on every series its query returns.
+            for series in result:
+                missing = legends.get(where, set()) - series["metric"].keys()
+                if missing:
+                    unlabelled.append(f"{where}: legend labels {sorted(missing)} not in {series}")
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+        assert not unlabelled, "\n".join(unlabelled)
 
         # Both jobs are on the dashboard by job id, with every rank's state bytes.
         steps = {
