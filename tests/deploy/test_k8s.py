@@ -120,6 +120,8 @@ def test_service_points_at_the_ray_head_and_exposes_metrics():
     assert (
         deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     )
+    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
 
 
 def test_monitors_select_the_right_targets():
