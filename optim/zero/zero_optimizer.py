@@ -334,6 +334,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients (``None``, or zeros in the flat gradient buffer)."""
+        for handle in self._handles:  # never clear a buffer under an in-flight reduction
+            if handle is not None:
+                handle.wait()
         for s, p in enumerate(self._slot_params):
             if set_to_none:
                 p.grad = None
@@ -467,7 +470,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.algorithm.step(
                     p, g, st, mu_product, step=run.step, group=group, compile=self.compile
                 )
-                update_sq += float(before.sub_(p).square().sum())
+                update_sq += float(torch.dist(before, p)) ** 2
                 if u_before is not None:
                     beta2 = group["betas"][1]
                     refreshed += float((st[1] != u_before.mul_(beta2)).sum())
