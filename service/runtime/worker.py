@@ -13,6 +13,7 @@ the group through the controller. Progress goes through the reporter instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,10 +35,13 @@ from service.runtime.reporter import Reporter, make_reporter
 from service.spec import JobSpec
 from service.tasks import get_task
 
-__all__ = ["CHECKPOINT_META", "train_loop_per_worker"]
+__all__ = ["CHECKPOINT_META", "CheckpointCorrupted", "train_loop_per_worker", "verify_checksums"]
 
 CHECKPOINT_META = "meta.json"
 """Checkpoint file (rank 0) with step, stream position, world size and engine."""
+CHECKSUMS_DIR = "checksums"
+"""Per-rank manifests (``checksums/rank-<r>.json``): SHA-256 and size of every file that
+rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
 PHASES = ("data", "forward", "backward", "optimizer")
 """Measured per step. Gradient communication overlaps backward and the optimizer step and
 is counted in those phases; ``communication`` appears only when an engine measures it."""
@@ -50,7 +54,8 @@ class _Window:
     """Accumulates what a metrics record averages over (the steps since the last record)."""
 
     steps: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    """On the training device: adding to it never waits for the device."""
     started: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -82,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     meta: dict[str, Any] | None = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            verify_checksums(Path(directory))  # never resume from a corrupted file
             meta = json.loads((Path(directory) / CHECKPOINT_META).read_text())
             model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location=device))
             engine = make_engine(model, spec, world_size=world)
@@ -132,8 +138,12 @@ def _train(
         if training.precision == "bf16"
         else nullcontext()
     )
-    window = _Window()
+    window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
     engine.module.train()
+    if step >= training.max_steps:
+        log.info(
+            "checkpoint is at step %d >= max_steps %d: nothing to do", step, training.max_steps
+        )
     while step < training.max_steps:
         for micro in range(accum):
             last = micro == accum - 1
@@ -155,7 +165,7 @@ def _train(
             window.phases["forward"] += t2 - t1
             window.phases["backward"] += t3 - t2
             window.phases["optimizer"] += t4 - t3
-            window.loss_sum += loss.detach().float().item() / accum
+            window.loss_sum += loss.detach().double() / accum
         step += 1
         position += accum * world * batch
         window.steps += 1
@@ -172,7 +182,7 @@ def _train(
                 if saved is not None:
                     record["checkpoint"] = saved
                 reporter.emit(record)
-            window = _Window()
+            window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
 
 
 def _metrics_record(
@@ -189,8 +199,8 @@ def _metrics_record(
 ) -> dict[str, Any]:
     """Build the record (collective: every rank calls this; only rank 0's result is used)."""
     elapsed = time.perf_counter() - window.started
-    loss = torch.tensor([window.loss_sum], dtype=torch.float64)
-    state_bytes = torch.tensor([engine.state_bytes()], dtype=torch.int64)
+    loss = window.loss_sum.reshape(1).clone()
+    state_bytes = torch.tensor([engine.state_bytes()], dtype=torch.int64, device=loss.device)
     if dist.is_initialized() and world > 1:
         dist.all_reduce(loss)
         gathered = [torch.zeros_like(state_bytes) for _ in range(world)]
@@ -256,6 +266,7 @@ def _save_checkpoint(
                 "time": time.time(),
             }
             (directory / CHECKPOINT_META).write_text(json.dumps(meta))
+        _write_checksums(directory, rank)
         ray.train.report(
             {"step": step},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -263,6 +274,57 @@ def _save_checkpoint(
         )
     storage = str(config.get("storage", "")).rstrip("/")
     return {"step": step, "path": f"{storage}/{name}" if storage else name, "time": time.time()}
+
+
+class CheckpointCorrupted(RuntimeError):
+    """A checkpoint file is missing, truncated or altered (its SHA-256 does not match)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(directory: Path, rank: int) -> None:
+    """Record SHA-256 and size of every file this rank wrote (before Ray merges the ranks)."""
+    files = {
+        str(path.relative_to(directory)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+    (directory / CHECKSUMS_DIR).mkdir(exist_ok=True)
+    (directory / CHECKSUMS_DIR / f"rank-{rank}.json").write_text(json.dumps(files))
+
+
+def verify_checksums(directory: Path) -> None:
+    """Check every file listed in the checkpoint's checksum manifests.
+
+    Raises:
+        CheckpointCorrupted: naming the file and what is wrong with it.
+    """
+    manifests = sorted((directory / CHECKSUMS_DIR).glob("rank-*.json"))
+    if not manifests:
+        raise CheckpointCorrupted(f"checkpoint {directory.name}: no checksum manifest")
+    for manifest in manifests:
+        try:
+            files = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointCorrupted(
+                f"checkpoint {directory.name}: unreadable manifest {manifest.name}: {exc}"
+            ) from None
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointCorrupted(f"checkpoint {directory.name}: {name} is missing")
+            size = path.stat().st_size
+            if size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+                raise CheckpointCorrupted(
+                    f"checkpoint {directory.name}: {name} is corrupted (SHA-256 mismatch; "
+                    f"{size} bytes, expected {expected['bytes']}); refusing to resume from it"
+                )
 
 
 def _check_resumable(meta: dict[str, Any], spec: JobSpec, world: int) -> None:
