@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import socket
 import tempfile
@@ -45,8 +44,6 @@ rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
 PHASES = ("data", "forward", "backward", "optimizer")
 """Measured per step. Gradient communication overlaps backward and the optimizer step and
 is counted in those phases; ``communication`` appears only when an engine measures it."""
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,14 +98,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
     if rank == 0:
-        log.info(
-            "job %s attempt %d: %s, %d workers, engine %s, resuming at step %d",
-            config["job_id"],
-            attempt,
-            spec.task,
-            world,
-            engine.name,
-            step,
+        # Plain stdout: it lands in the Ray job's log that the service streams to users.
+        print(
+            f"zerotrain: job {config['job_id']} attempt {attempt}: task {spec.task}, "
+            f"{world} workers, engine {engine.name}, "
+            + (f"resuming at step {step}" if step else "starting"),
+            flush=True,
         )
     try:
         _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
@@ -140,10 +135,8 @@ def _train(
     )
     window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
     engine.module.train()
-    if step >= training.max_steps:
-        log.info(
-            "checkpoint is at step %d >= max_steps %d: nothing to do", step, training.max_steps
-        )
+    if step >= training.max_steps and rank == 0:
+        print(f"zerotrain: step {step} >= max_steps {training.max_steps}: done", flush=True)
     while step < training.max_steps:
         for micro in range(accum):
             last = micro == accum - 1
