@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import tempfile
+import weakref
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 DEFAULT_MAX_RECEIVE_BYTES = 1 << 20
 #: Largest reply (a ListJobs page of 1000 jobs with their latest metrics fits).
 DEFAULT_MAX_SEND_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _ServerParts:
+    servicer: JobServicer
+    health: health.HealthServicer | None
+
+
+# What stop_server needs to know about each server create_*_server built.
+_PARTS: weakref.WeakKeyDictionary[grpc.Server, _ServerParts] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,8 @@ def create_server(
             ("grpc.so_reuseport", 0),  # port 0 must mean a port nobody else holds
         ],
     )
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager, auth), server)
+    servicer = JobServicer(manager, auth)
+    pb_grpc.add_JobServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -153,7 +165,7 @@ def create_server(
     if port == 0:
         raise OSError(f"cannot listen on {address!r} (in use or not a local address)")
     server.start()
-    server.health_servicer = health_servicer  # type: ignore[attr-defined]  # for stop_server
+    _PARTS[server] = _ServerParts(servicer, health_servicer)
     log.info(
         "zerotrain.v1.JobService listening on %s (port %d, %s, auth %s)",
         address,
@@ -205,6 +217,7 @@ def create_ingest_server(
         ],
     )
     server.add_generic_rpc_handlers((handler,))
+    _PARTS[server] = _ServerParts(servicer, None)
     if tls is not None:
         server_only = TlsConfig(tls.cert_chain, tls.private_key, None)
         port = server.add_secure_port(address, server_only.credentials())
@@ -218,11 +231,18 @@ def create_ingest_server(
 
 
 def stop_server(server: grpc.Server, grace: float = 5.0) -> None:
-    """Report NOT_SERVING, cancel open streams after ``grace`` seconds, and wait."""
-    health_servicer = getattr(server, "health_servicer", None)
-    if health_servicer is not None:
-        health_servicer.enter_graceful_shutdown()
+    """Report NOT_SERVING, cancel open rpcs after ``grace`` seconds, and wait for them.
+
+    Returns once no handler is still inside the job manager, so the caller
+    may stop the manager and close its store without pulling it from under
+    a thread (gRPC does not join handler threads on stop).
+    """
+    parts = _PARTS.pop(server, None)
+    if parts is not None and parts.health is not None:
+        parts.health.enter_graceful_shutdown()
     server.stop(grace).wait()
+    if parts is not None and not parts.servicer.wait_idle(timeout=grace + 10.0):
+        log.warning("rpc handlers still busy %.0f s after the server stopped", grace + 10.0)
 
 
 class Service:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -64,6 +66,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(self, manager: Any, auth: Authenticator) -> None:
         self._manager = manager
         self._auth = auth
+        self._busy = 0  # rpcs currently inside a manager call
+        self._idle = threading.Condition()
 
     # ------------------------------------------------------------------ unary rpcs
     def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -74,8 +78,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
             _abort_invalid(
                 context, "idempotency_key", f"must be at most {MAX_ID_CHARS} printable characters"
             )
-        spec = _call(context, lambda: convert.spec_from_proto(request.spec))
-        record = _call(
+        spec = self._call(context, lambda: convert.spec_from_proto(request.spec))
+        record = self._call(
             context,
             lambda: self._manager.submit(spec, owner=principal.name, idempotency_key=key or None),
         )
@@ -85,7 +89,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         """One job, if the caller may see it."""
         record = self._owned_job(request.job_id, context)
-        return _call(context, lambda: convert.job_to_proto(record))
+        return self._call(context, lambda: convert.job_to_proto(record))
 
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
@@ -121,13 +125,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 jobs=[convert.job_to_proto(r) for r in records], next_page_token=token
             )
 
-        return _call(context, page)
+        return self._call(context, page)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         """Ask the job to stop."""
         principal = self._principal(context)
         record = self._owned_job(request.job_id, context, principal)
-        cancelled = _call(context, lambda: self._manager.cancel(record.job_id))
+        cancelled = self._call(context, lambda: self._manager.cancel(record.job_id))
         log.info("%s cancelled job %s", principal.name, record.job_id)
         return convert.job_to_proto(cancelled)
 
@@ -148,7 +152,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if record["job_id"] and record["job_id"] != request.job_id:
             _abort_invalid(context, "record.job_id", "must equal job_id (or be empty)")
         record["job_id"] = request.job_id
-        _call(context, lambda: self._manager.ingest(request.job_id, record))
+        self._call(context, lambda: self._manager.ingest(request.job_id, record))
         return pb.ReportMetricsResponse()
 
     # ---------------------------------------------------------------- stream rpcs
@@ -160,11 +164,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if request.from_sequence < 0:
             _abort_invalid(context, "from_sequence", "must be >= 0")
         stop = _stop_on_termination(context)
-        events = _call(
+        events = self._call(
             context,
             lambda: self._manager.watch(record.job_id, request.from_sequence, stop=stop),
         )
-        for event in _iterate(context, events, stop):
+        for event in self._iterate(context, events, stop):
             yield convert.event_to_proto(event)
 
     def StreamLogs(
@@ -173,13 +177,69 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """The job's log lines; with ``follow``, until the job finishes."""
         record = self._owned_job(request.job_id, context)
         stop = _stop_on_termination(context)
-        lines = _call(
+        lines = self._call(
             context, lambda: self._manager.logs(record.job_id, follow=request.follow, stop=stop)
         )
-        for line in _iterate(context, lines, stop):
+        for line in self._iterate(context, lines, stop):
             yield pb.LogLine(text=line.rstrip("\n"))
 
     # -------------------------------------------------------------------- helpers
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no rpc is inside the job manager; False on timeout.
+
+        After the server has stopped, handler threads may still be finishing a
+        manager call (a watch wakes up to once a second): wait for them before
+        closing the store under them.
+        """
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    @contextmanager
+    def _in_manager(self) -> Iterator[None]:
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
+        """Run ``fn``, turning domain errors into the documented statuses."""
+        try:
+            with self._in_manager():
+                return fn()
+        except Exception as exc:
+            _abort_for(context, exc)
+
+    def _iterate(
+        self, context: grpc.ServicerContext, items: Iterator[_T], ended: threading.Event
+    ) -> Iterator[_T]:
+        """Iterate a domain stream, turning its errors into statuses too.
+
+        Once the rpc has ended (``ended`` set: client gone, server stopping), an
+        error is no one's to report: the stream just stops.
+        """
+        while True:
+            try:
+                with self._in_manager():
+                    item = next(items)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if ended.is_set():
+                    return
+                _abort_for(context, exc)
+            yield item
+
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         principal = self._auth.authenticate(context.invocation_metadata())
         if principal is None:  # the interceptor normally refuses these first
@@ -192,7 +252,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """The job's record if the caller may see it (else the rpc is aborted)."""
         principal = principal or self._principal(context)
         _check_id(job_id, context)
-        record = _call(context, lambda: self._manager.get(job_id))
+        record = self._call(context, lambda: self._manager.get(job_id))
         if not principal.may_access(record.owner):
             _abort(
                 context,
@@ -221,34 +281,6 @@ def _stop_on_termination(context: grpc.ServicerContext) -> threading.Event:
     if not context.add_callback(stop.set):
         stop.set()  # already terminated
     return stop
-
-
-def _call(context: grpc.ServicerContext, fn: Callable[[], _T]) -> _T:
-    """Run ``fn``, turning domain errors into the documented statuses."""
-    try:
-        return fn()
-    except Exception as exc:
-        _abort_for(context, exc)
-
-
-def _iterate(
-    context: grpc.ServicerContext, items: Iterator[_T], ended: threading.Event
-) -> Iterator[_T]:
-    """Iterate a domain stream, turning its errors into statuses too.
-
-    Once the rpc has ended (``ended`` set: client gone, server stopping), an
-    error is no one's to report: the stream just stops.
-    """
-    while True:
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        except Exception as exc:
-            if ended.is_set():
-                return
-            _abort_for(context, exc)
-        yield item
 
 
 _STATUS_OF_ERROR = (
