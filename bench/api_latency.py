@@ -83,9 +83,8 @@ def _serve(port_queue: Any, stop_event: Any) -> None:
     server, port = create_server("127.0.0.1:0", manager, auth=auth, metrics=ServiceMetrics())
     port_queue.put(port)
     stop_event.wait()
-    stop_server(server, grace=1.0)
-    manager.stop()  # ends watch loops still parked in the manager
-    time.sleep(1.5)  # they wake within 1 s
+    stop_server(server, grace=1.0)  # returns once no handler is inside the manager
+    manager.stop()
     store.close()
 
 
