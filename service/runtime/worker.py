@@ -86,9 +86,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             verify_checksums(Path(directory))  # never resume from a corrupted file
             meta = json.loads((Path(directory) / CHECKPOINT_META).read_text())
+            _check_resumable(meta, spec, world)
             model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location=device))
             engine = make_engine(model, spec, world_size=world)
-            _check_resumable(meta, spec, world)
             engine.load(Path(directory))
             _load_rng(Path(directory), rank, world, meta, spec)
         step, position = meta["step"], meta["position"]

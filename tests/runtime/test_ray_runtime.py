@@ -41,6 +41,8 @@ BASE = {
     "training": {
         "max_steps": STEPS,
         "batch_size": 16,
+        "grad_accum_steps": 2,
+        "clip_grad_norm": 0.5,
         "seed": 11,
         "checkpoint_every": 30,
         "metrics_every": 10,
@@ -94,6 +96,8 @@ def test_reference_run_learns_and_reports(reference):
     assert last["world_size"] == 2 and len(last["state_bytes_per_rank"]) == 2
     assert set(last["phase_seconds"]) >= {"data", "forward", "backward", "optimizer"}
     assert {"grad_norm", "nadam_mu_t", "update_param_ratio"} <= set(last["optimizer"])
+    # Clipping is active in these runs, so the engines' clipping is compared too.
+    assert max(r["optimizer"]["grad_norm"] for r in records) > BASE["training"]["clip_grad_norm"]
     saved = [r["checkpoint"] for r in records if "checkpoint" in r]
     assert [c["step"] for c in saved] == [30, 60, 90, 120, 150]
     assert saved[-1]["path"] == str(reference["dir"] / "checkpoint_00000150")
@@ -183,8 +187,8 @@ def test_killed_worker_resumes_exactly_then_resumes_on_one_worker(reference, sto
     for name, expected in final_params(reference["dir"], STEPS).items():
         assert torch.equal(killed[name], expected), name
 
-    # Continue the same run on 1 worker with twice the batch: the same samples per step,
-    # the optimizer state resharded 2 -> 1.
+    # Continue the same run on 1 worker with twice the batch: the same samples per
+    # micro-batch and step, the optimizer state resharded 2 -> 1.
     one = spec_with(
         scaling={"num_workers": 1}, training={"batch_size": 32, "max_steps": MORE_STEPS}
     )
