@@ -100,6 +100,14 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     return value
 
 
+def _state(api: Api, job_id: str) -> int | None:
+    try:
+        return api.client().get(job_id).state
+    except ApiError as exc:
+        assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+        return None
+
+
 def kinds(events: list[pb.JobEvent]) -> list[str]:
     return [
         pb.JobState.Name(e.state_change.state).removeprefix("JOB_STATE_")
@@ -214,7 +222,11 @@ def test_service_restart_mid_job(ray_jobs: RayJobs, tmp_path: Path):
     # Same data dir, same port and ingest secret: the job is re-attached.
     second = start_api(tmp_path, ray_jobs, auth, port=port)
     try:
-        assert second.client().get(job.job_id).state == pb.JOB_STATE_RUNNING
+        # Fresh calls fail fast until the channel's reconnect backoff (the port was
+        # refusing connections a moment ago) lets it through: retry briefly.
+        assert wait_for(lambda: _state(second, job.job_id), 30, "the restarted server") == (
+            pb.JOB_STATE_RUNNING
+        )
         thread.join(180)
         assert not thread.is_alive(), f"watch did not end: {kinds(events)}"
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
