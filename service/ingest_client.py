@@ -33,6 +33,15 @@ ENV_JOB_ID = "ZEROTRAIN_JOB_ID"
 ENV_TOKEN = "ZEROTRAIN_INGEST_TOKEN"
 ENV_CA = "ZEROTRAIN_INGEST_CA"
 
+# After the service restarts, reconnect within ~1 s: gRPC's default reconnect
+# backoff grows to minutes, so records buffered while it was down would wait
+# past the end of a short job and be dropped when the reporter closes.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 class IngestError(RuntimeError):
     """A record could not be delivered (the message says why; never the token)."""
@@ -78,9 +87,11 @@ class GrpcSink:
                 root_ca = Path(ca).read_bytes()
             except OSError as exc:
                 raise ValueError(f"{ENV_CA}: cannot read {ca} ({exc.strerror})") from None
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_ca))
+            self._channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_ca), options=_CHANNEL_OPTIONS
+            )
         else:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.JobServiceStub(self._channel)
 
     @classmethod
@@ -106,7 +117,11 @@ class GrpcSink:
             raise IngestError(str(exc), "INVALID_ARGUMENT") from None
         request = pb.ReportMetricsRequest(job_id=self.job_id, record=message)
         try:
-            self._stub.ReportMetrics(request, timeout=self.timeout_s, metadata=self._metadata)
+            # wait_for_ready: a call made while the channel is reconnecting waits for the
+            # connection (up to the timeout) instead of failing at once.
+            self._stub.ReportMetrics(
+                request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=True
+            )
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() is not None else "UNKNOWN"
             raise IngestError(
