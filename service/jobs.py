@@ -103,6 +103,9 @@ class JobManager:
         final_metrics_grace_s: after Ray reports success of a job that sent
             metrics, how long to wait for its ``"final": true`` record before
             marking it SUCCEEDED, so the final record precedes the terminal event.
+        cluster_lost_after_s: once Ray has been unreachable this long, every
+            unfinished job already handed to Ray ends (FAILED, or CANCELLED if a
+            cancel was pending) with the reason, instead of staying RUNNING forever.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class JobManager:
         reconcile_interval_s: float = 1.0,
         entrypoint_factory: EntrypointFactory | None = None,
         final_metrics_grace_s: float = 5.0,
+        cluster_lost_after_s: float = 120.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -131,7 +135,9 @@ class JobManager:
         self.metrics = metrics
         self.reconcile_interval_s = reconcile_interval_s
         self.final_metrics_grace_s = final_metrics_grace_s
+        self.cluster_lost_after_s = cluster_lost_after_s
         self.reconciliation_errors = 0
+        self._unreachable_since: float | None = None
         self._entrypoint = entrypoint_factory or self._runtime_entrypoint
         self._clock = clock
         self._write_lock = threading.RLock()
@@ -511,16 +517,45 @@ class JobManager:
 
     def reconcile(self) -> None:
         """Bring every unfinished job in step with Ray once (the loop calls this)."""
+        unreachable: OSError | None = None
         for record in self.store.jobs_in_states(_UNFINISHED):
             try:
                 self._reconcile_job(record)
+            except OSError as exc:  # Ray's HTTP client raises OSErrors when it cannot connect
+                unreachable = exc
+                self.reconciliation_errors += 1
+                if self.metrics is not None:
+                    self.metrics.inc_reconciliation_errors()
+                logger.warning("reconciling job %s: Ray unreachable: %s", record.job_id, exc)
             except Exception:
                 self.reconciliation_errors += 1
                 if self.metrics is not None:
                     self.metrics.inc_reconciliation_errors()
                 logger.exception("reconciling job %s failed", record.job_id)
+        if unreachable is None:
+            self._unreachable_since = None
+        else:
+            self._end_jobs_if_cluster_lost(unreachable)
         if self.metrics is not None:
             self.metrics.set_job_states(self.store.count_by_state())
+
+    def _end_jobs_if_cluster_lost(self, error: OSError) -> None:
+        """After ``cluster_lost_after_s`` without reaching Ray, end its unfinished jobs."""
+        now = self._clock()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        lost_for = now - self._unreachable_since
+        if lost_for < self.cluster_lost_after_s:
+            return
+        reason = _truncate(
+            f"lost contact with the Ray cluster at {getattr(self.ray, 'address', '?')} for "
+            f"{lost_for:.0f} s ({error}); the job's workers are gone or can no longer be observed"
+        )
+        for record in self.store.jobs_in_states(_UNFINISHED):
+            if record.ray_job_id is None:
+                continue  # never reached Ray: reconciliation submits it once Ray is back
+            state = JobState.CANCELLED if record.state == JobState.CANCELLING else JobState.FAILED
+            self._transition(record.job_id, state, reason, expect=(record.state,))
 
     def _reconcile_job(self, record: JobRecord) -> None:
         job_id = record.job_id
