@@ -93,6 +93,7 @@ def serve_manager(
     *,
     entrypoint: str | None = "true",
     start: bool = True,
+    manager_options: dict[str, Any] | None = None,
     **server_kwargs: Any,
 ) -> Iterator[Served]:
     """A real SQLite store, job manager and gRPC server on an ephemeral loopback port.
@@ -115,6 +116,7 @@ def serve_manager(
         reconcile_interval_s=0.5,
         final_metrics_grace_s=1.0,
         entrypoint_factory=(lambda *_: entrypoint) if entrypoint is not None else None,
+        **(manager_options or {}),
     )
     server, port = create_server("127.0.0.1:0", manager, auth=auth, metrics=metrics, **server_kwargs)
     manager.ingest_address = f"127.0.0.1:{port}"
