@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -86,6 +87,7 @@ def _serve(port_queue: Any, stop_event: Any) -> None:
     stop_server(server, grace=1.0)  # returns once no handler is inside the manager
     manager.stop()
     store.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _record(job_id: str, step: int, sent: float | None = None) -> dict:
