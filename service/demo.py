@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.cli import watch_job
 from service.client import JobClient
 from service.config import ServerConfig
-from service.server import Service
+from service.server import Service, ray_temp_dir
 
 __all__ = ["main"]
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.monotonic()
+    succeeded = False
     console.print("[bold]zerotrain demo[/]: starting the service and an embedded Ray head ...")
     service = Service(config)
     try:
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         console.print("\nshutting down ...")
         service.stop()
+    if succeeded:  # the embedded head's logs are only worth keeping after a failure
+        shutil.rmtree(ray_temp_dir(data_dir.resolve()), ignore_errors=True)
     console.print(
         f"done in {time.monotonic() - started:.0f} s; data kept in {data_dir} "
         "(remove it when you are done)"

@@ -38,6 +38,7 @@ __all__ = [
     "create_ingest_server",
     "create_server",
     "is_loopback",
+    "ray_temp_dir",
     "stop_server",
 ]
 
@@ -308,7 +309,7 @@ class Service:
         if config.ray_address:
             ray = RayJobs(config.ray_address)
         else:
-            head = start_local_ray(_ray_temp_dir(data_dir), num_cpus=config.ray_num_cpus)
+            head = start_local_ray(ray_temp_dir(data_dir), num_cpus=config.ray_num_cpus)
             if not self.keep_ray:
                 self._closers.append(head.shutdown)
             ray = RayJobs(head.address, token=head.token)
@@ -373,7 +374,7 @@ class Service:
                 log.exception("error while stopping the service")
 
 
-def _ray_temp_dir(data_dir: Path) -> Path:
+def ray_temp_dir(data_dir: Path) -> Path:
     """A short, stable temp dir per data dir (Ray's unix sockets need short paths).
 
     Stable, so a restarted service finds the embedded head it left running.
