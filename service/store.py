@@ -31,7 +31,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,13 +232,23 @@ class JobStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
+        # close() must not pull a connection out from under a reader in another
+        # thread (sqlite3 can crash the process on that), so reads are counted.
+        self._reads = threading.Condition()
+        self._active_reads = 0
 
     # -- lifecycle -------------------------------------------------------
 
-    def close(self) -> None:
-        """Close every connection (idempotent)."""
-        with self._lock:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close every connection (idempotent).
+
+        Waits up to ``timeout_s`` for reads in flight on other threads; reads
+        started afterwards raise ``sqlite3.ProgrammingError``.
+        """
+        with self._reads:
             self._closed = True
+            self._reads.wait_for(lambda: self._active_reads == 0, timeout=timeout_s)
+        with self._lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
@@ -257,12 +267,27 @@ class JobStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             with self._lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the job store is closed")
                 conn = self._connect()
                 self._readers.append(conn)
             self._local.conn = conn
         return conn
+
+    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run one read on this thread's connection, fenced against close()."""
+        with self._reads:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the job store is closed")
+            self._active_reads += 1
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        finally:
+            with self._reads:
+                self._active_reads -= 1
+                self._reads.notify_all()
+
+    def _fetch_one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = self._fetch(sql, args)
+        return rows[0] if rows else None
 
     def _migrate(self) -> None:
         with self._tx() as c:
@@ -349,19 +374,19 @@ class JobStore:
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job's record; raises :class:`JobNotFound`."""
-        row = self._reader().execute(
+        row = self._fetch_one(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
-        ).fetchone()
+        )
         if row is None:
             raise JobNotFound(job_id)
         return _record_from_row(row)
 
     def find_by_idempotency_key(self, owner: str, key: str) -> JobRecord | None:
         """The job ``owner`` created with idempotency ``key``, if any."""
-        row = self._reader().execute(
+        row = self._fetch_one(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
             (owner, key),
-        ).fetchone()
+        )
         return None if row is None else _record_from_row(row)
 
     def list_jobs(
@@ -409,7 +434,7 @@ class JobStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(page_size + 1)
-        rows = self._reader().execute(sql, args).fetchall()
+        rows = self._fetch(sql, args)
         more = len(rows) > page_size
         rows = rows[:page_size]
         token = _encode_token(rows[-1]["seq"]) if more else ""
@@ -421,15 +446,15 @@ class JobStore:
         if not values:
             return []
         marks = ",".join("?" * len(values))
-        rows = self._reader().execute(
+        rows = self._fetch(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", values
-        ).fetchall()
+        )
         return [_record_from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state (every state present, zero included)."""
         counts = {s.value: 0 for s in JobState}
-        for row in self._reader().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        for row in self._fetch("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             counts[row[0]] = row[1]
         return counts
 
@@ -574,18 +599,18 @@ class JobStore:
 
     def events(self, job_id: str, after_sequence: int = 0, limit: int = 1000) -> list[JobEvent]:
         """The job's events with ``sequence > after_sequence``, in order (at most ``limit``)."""
-        rows = self._reader().execute(
+        rows = self._fetch(
             "SELECT job_id, sequence, time, kind, state, reason, metrics, attempt "
             "FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
             (job_id, after_sequence, limit),
-        ).fetchall()
+        )
         return [_event_from_row(r) for r in rows]
 
     def last_sequence(self, job_id: str) -> int:
         """The sequence number of the job's newest event; raises :class:`JobNotFound`."""
-        row = self._reader().execute(
+        row = self._fetch_one(
             "SELECT last_sequence FROM jobs WHERE job_id = ?", (job_id,)
-        ).fetchone()
+        )
         if row is None:
             raise JobNotFound(job_id)
         return int(row[0])

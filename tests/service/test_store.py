@@ -215,3 +215,31 @@ def test_concurrent_writers_and_readers(tmp_path: Path):
     for worker in range(4):
         assert len(store.list_jobs(owner=f"o{worker}")[0]) == 1
     store.close()
+
+
+def test_close_while_other_threads_read(tmp_path: Path):
+    """close() waits for reads in flight; later reads fail cleanly, never crash."""
+    store = JobStore(tmp_path / "jobs.db")
+    store.create_job(make_record("j1"))
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def read_until_closed() -> None:
+        started.wait()
+        while True:
+            try:
+                store.get_job("j1")
+                store.events("j1")
+            except sqlite3.ProgrammingError as exc:
+                outcomes.append(str(exc))
+                return
+
+    readers = [threading.Thread(target=read_until_closed) for _ in range(4)]
+    for t in readers:
+        t.start()
+    started.wait()
+    store.close()
+    for t in readers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in readers)
+    assert outcomes == ["the job store is closed"] * 4
