@@ -265,8 +265,13 @@ def features_worker(rank: int, world_size: int) -> None:
     # bf16 parameters: fp32 master shard and state; params are the rounded master.
     net = make_net(dtype=torch.bfloat16)
     ref = make_net()
-    opt = ZeroOptimizer(net.parameters(), classes["nadam"], bucket_mb=TINY_BUCKET_MB, lr=1e-2)
+    opt = ZeroOptimizer(
+        net.parameters(), classes["nadam"], bucket_mb=TINY_BUCKET_MB, lr=1e-2,
+        grad_sync="reduce_scatter",
+    )  # fmt: skip
     ref_opt = torch.optim.NAdam(ref.parameters(), lr=1e-2)
+    auto = ZeroOptimizer(make_net().parameters(), classes["nadam"], grad_sync="auto")
+    assert auto.grad_sync == "all_reduce", "auto must pick all-reduce on gloo"
     assert all(m is not None and m.dtype == torch.float32 for m in opt._master)
     assert all(s.dtype == torch.float32 for pair in opt._state for s in pair)
     for step in range(5):
