@@ -39,6 +39,7 @@ from optim.zero import stats as _stats
 from optim.zero.algorithms import Algorithm, resolve_algorithm
 from optim.zero.comm import Communicator
 from optim.zero.layout import Bucket, Layout, Segment, build_layout
+from optim.zero.timing import StepClock
 
 __all__ = ["ZeroOptimizer"]
 
@@ -143,6 +144,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._mu_chains: list[list[torch.Tensor]] = [[] for _ in self.param_groups]
         self._skipped_steps = 0
         self._last_step_stats: dict[str, float] = {}
+        self._clock = StepClock(self._flat[0].device if self._flat else torch.device("cpu"))
         self._reset_round()
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._make_hook(s))
@@ -240,6 +242,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @property
     def rank(self) -> int:
         return self.comm.rank
+
+    @property
+    def last_step_timings(self) -> dict[str, float]:
+        """Where the last ``step()`` spent its time, in seconds (``{}`` before the first).
+
+        Keys: ``communication`` (blocked on collectives: finishing the gradient
+        reductions, the norm/non-finite all-reduce, launching and waiting for
+        the parameter all-gathers), ``optimizer`` (everything else in ``step()``:
+        averaging, norm, clipping, the shard update) and ``step`` (their sum,
+        the wall time of ``step()`` without the closure). Measured without any
+        extra synchronisation (``optim.zero.timing``); reductions launched from
+        backward hooks overlap backward and only their remaining wait is counted.
+        """
+        return self._clock.result()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (moments, and fp32 master if any)."""
@@ -364,7 +380,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._reduce_remaining()
+        self._clock.start()
+        with self._clock.communication():
+            self._reduce_remaining()
         grad_pieces = self._compute_grad_pieces()
         has_grad, grad_norm = self._agree_on_grads(grad_pieces)
         stats: dict[str, float] = {"grad_norm": grad_norm}
@@ -382,6 +400,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for p in self._slot_params:
             p.grad = None
         self._reset_round()
+        self._clock.stop()
         return loss
 
     def _compute_grad_pieces(self) -> list[torch.Tensor]:
@@ -411,8 +430,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
             sq += torch.linalg.vector_norm(g, dtype=dtype).double().square()
         flags = torch.tensor(self._has_local_grad, dtype=torch.float64, device=device)
-        packed = self.comm.all_reduce_sum(torch.cat([sq.reshape(1), flags]))
-        values = packed.tolist()
+        packed = torch.cat([sq.reshape(1), flags])
+        with self._clock.communication():
+            values = self.comm.all_reduce_sum(packed).tolist()
         total = values[0]
         norm = math.sqrt(total) if math.isfinite(total) else math.nan
         return [v > 0 for v in values[1:]], norm
@@ -479,8 +499,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for s, flag in enumerate(has_grad):
             if flag:
                 self._steps[s] += 1
-        for h in handles:
-            h.wait()
+        with self._clock.communication():
+            for h in handles:
+                h.wait()
         return {"update_sumsq": update_sq, "refreshed": refreshed, "updated_elements": updated}
 
     def _param_piece(self, bucket: Bucket) -> torch.Tensor:
@@ -517,7 +538,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         master = self._master[bucket.buffer]
         if master is not None:
             flat[lo:hi].copy_(master[bucket.shard_offset : bucket.shard_offset + bucket.piece_numel])
-        return self.comm.gather_bucket(flat[bucket.start : bucket.end], flat[lo:hi])
+        with self._clock.communication():
+            return self.comm.gather_bucket(flat[bucket.start : bucket.end], flat[lo:hi])
 
     # ----------------------------------------------------- monitoring, I/O
 

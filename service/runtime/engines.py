@@ -52,6 +52,11 @@ class Engine:
         """Optimizer statistics of the last step (collective)."""
         raise NotImplementedError
 
+    def step_timings(self) -> dict[str, float]:
+        """Seconds of the last parameter update spent in ``communication`` (waiting on
+        collectives) and ``optimizer`` compute; ``{}`` when the engine does not measure them."""
+        return {}
+
     def state_bytes(self) -> int:
         """Optimizer-state bytes held by this rank."""
         raise NotImplementedError
@@ -97,6 +102,9 @@ class NativeEngine(Engine):
 
     def stats(self) -> dict[str, float]:
         return self.opt.stats()
+
+    def step_timings(self) -> dict[str, float]:
+        return self.opt.last_step_timings
 
     def state_bytes(self) -> int:
         return self.opt.state_bytes()

@@ -41,9 +41,12 @@ CHECKPOINT_META = "meta.json"
 CHECKSUMS_DIR = "checksums"
 """Per-rank manifests (``checksums/rank-<r>.json``): SHA-256 and size of every file that
 rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
-PHASES = ("data", "forward", "backward", "optimizer")
-"""Measured per step. Gradient communication overlaps backward and the optimizer step and
-is counted in those phases; ``communication`` appears only when an engine measures it."""
+PHASES = ("data", "forward", "backward", "communication", "optimizer")
+"""Measured per step. ``communication`` is the time the optimizer step spent blocked on
+collectives (``Engine.step_timings``; reductions launched from backward hooks overlap
+backward, and only their remaining wait counts), taken out of ``optimizer``. It appears
+only when the engine measures it (native: yes; DeepSpeed: no, its communication stays
+inside ``backward`` and ``optimizer``)."""
 
 
 @dataclass
@@ -154,10 +157,16 @@ def _train(
             t3 = _tick(device)
             engine.optimizer_step(last=last)
             t4 = _tick(device)
+            comm = engine.step_timings().get("communication") if last else None
             window.phases["data"] += t1 - t0
             window.phases["forward"] += t2 - t1
             window.phases["backward"] += t3 - t2
-            window.phases["optimizer"] += t4 - t3
+            if comm is None:
+                window.phases["optimizer"] += t4 - t3
+            else:
+                comm = min(comm, t4 - t3)
+                window.phases["communication"] += comm
+                window.phases["optimizer"] += t4 - t3 - comm
             window.loss_sum += loss.detach().double() / accum
         step += 1
         position += accum * world * batch
@@ -213,7 +222,11 @@ def _metrics_record(
         "loss": loss.item() / (world * max(window.steps, 1)),
         "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
         "lr": stats.get("lr", spec.optimizer.lr),
-        "phase_seconds": {p: window.phases.get(p, 0.0) / max(window.steps, 1) for p in PHASES},
+        "phase_seconds": {
+            p: window.phases.get(p, 0.0) / max(window.steps, 1)
+            for p in PHASES
+            if p != "communication" or p in window.phases
+        },
         "optimizer": {k: float(v) for k, v in stats.items() if math.isfinite(v)},
         "state_bytes_per_rank": [int(t.item()) for t in gathered],
         "final": final,

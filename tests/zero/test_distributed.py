@@ -22,3 +22,7 @@ def test_checkpoint_reshard_both_directions_and_corruption(tmp_path) -> None:
     spawn(workers.ckpt_save_worker, 2, str(tmp_path))  # saved at 2
     spawn(workers.ckpt_reshard_worker, 3, str(tmp_path))  # 2 -> 3, then saved at 3
     spawn(workers.ckpt_corrupt_worker, 2, str(tmp_path))  # corrupted; then 3 -> 2
+
+
+def test_step_timings_split_communication_and_optimizer() -> None:
+    spawn(workers.timings_worker, 2)

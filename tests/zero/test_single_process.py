@@ -211,3 +211,15 @@ def test_lr_scheduler_and_nonfinite_skip_single_process() -> None:
     workers.assert_params_close(net, ref, exact=True)
     stats = opt.stats()
     assert stats["skipped_steps"] == 1.0 and stats["step"] == 3.0 and stats["lr"] == 0.1 * 0.5**4
+
+
+def test_step_timings_without_process_group() -> None:
+    net = workers.make_net()
+    opt = ZeroOptimizer(net.parameters(), Adamax, bucket_mb=workers.TINY_BUCKET_MB)
+    assert opt.last_step_timings == {}
+    workers.loss_of(net, 0, 0).backward()
+    opt.step()
+    t = opt.last_step_timings
+    assert set(t) == {"communication", "optimizer", "step"}
+    assert t["optimizer"] > 0.0 and 0.0 <= t["communication"] <= t["step"]
+    assert math.isclose(t["communication"] + t["optimizer"], t["step"], abs_tol=1e-9)

@@ -427,3 +427,31 @@ def nccl_worker(rank: int, world_size: int) -> None:
         torch.cuda.synchronize()
         assert_same_on_all_ranks(net)
         assert_params_close(net, ref, exact=False, rtol=1e-5)
+
+
+# --------------------------------------------------------- timings, memory
+
+
+def timings_worker(rank: int, world_size: int) -> None:
+    """``last_step_timings``: every key, non-negative, within step()'s wall time, comm > 0."""
+    import time
+
+    for grad_sync, overlap in (("all_reduce", True), ("reduce_scatter", False)):
+        net = make_net()
+        opt = ZeroOptimizer(
+            net.parameters(), optimizer_classes()["adamax"], grad_sync=grad_sync,
+            overlap=overlap, bucket_mb=TINY_BUCKET_MB, lr=1e-2,
+        )  # fmt: skip
+        assert opt.last_step_timings == {}
+        for step in range(3):
+            opt.zero_grad()
+            loss_of(net, step, rank).backward()
+            t0 = time.perf_counter()
+            opt.step()
+            wall = time.perf_counter() - t0
+            t = opt.last_step_timings
+            assert set(t) == {"communication", "optimizer", "step"}, t
+            assert all(v >= 0.0 for v in t.values()), t
+            assert math.isclose(t["communication"] + t["optimizer"], t["step"], abs_tol=1e-9)
+            assert t["step"] <= wall, (t, wall)
+            assert t["communication"] > 0.0, t
