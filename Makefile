@@ -33,9 +33,11 @@ test: setup lint prometheus
 demo: setup
 	$(PY) -m service.demo
 
+# Each benchmark prints a table and writes bench/results/<name>.json; the
+# recorded numbers live in docs/BENCHMARKS.md.
+BENCHES := optim_step zero_train runtime_engines api_latency service_load metrics_overhead
 bench: setup
-	$(PY) bench/optim_step.py
-	$(PY) bench/zero_train.py
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 # promtool + prometheus for the observability tests: Debian's package, unpacked
 # into a project-local folder (no root install needed; idempotent). Skipped when
