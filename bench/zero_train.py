@@ -14,7 +14,10 @@ freshly spawned process group (so peak RSS is per variant):
 
 Reported per variant: samples/s (after warm-up), optimizer-state bytes per rank
 (moments, step counters and any fp32 master copy the optimizer keeps), peak RSS
-per rank, and the final loss (which must agree across variants). Variants run
+per rank, and the final loss (which must agree across variants). For
+ZeroOptimizer also the gradient bytes a rank holds (``ZeroOptimizer.grad_bytes``)
+right after backward and between steps: reduce-scatter (ZeRO-2) frees all but
+the reduced 1/N slice. Variants run
 ``--rounds`` times in alternating order; samples/s is each variant's best round
 (all rounds are in the JSON), since other load on a shared machine only slows.
 
@@ -119,7 +122,10 @@ def _tensor_bytes(obj: object) -> int:
 
 
 def _build(variant: str, model: nn.Module, cfg: dict):
-    """Return (forward_backward(tokens, targets) -> loss, step(), state_bytes())."""
+    """Return (forward_backward(tokens, targets) -> loss, step(), state_bytes(), grad_bytes).
+
+    ``grad_bytes`` is a function (ZeroOptimizer) or None (not measured).
+    """
     from optim import Nadam, ZeroOptimizer
 
     lr = cfg["lr"]
@@ -138,7 +144,7 @@ def _build(variant: str, model: nn.Module, cfg: dict):
             opt.step()
             opt.zero_grad()
 
-        return fwd_bwd, step, opt.state_bytes
+        return fwd_bwd, step, opt.state_bytes, opt.grad_bytes
     if variant in ("ddp", "torch-zero"):
         from torch.distributed.optim import ZeroRedundancyOptimizer
         from torch.nn.parallel import DistributedDataParallel
@@ -162,7 +168,7 @@ def _build(variant: str, model: nn.Module, cfg: dict):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return fwd_bwd, step, state
+        return fwd_bwd, step, state, None
     if variant.startswith("deepspeed-z"):
         import deepspeed
 
@@ -195,7 +201,7 @@ def _build(variant: str, model: nn.Module, cfg: dict):
             masters = getattr(optimizer, "single_partition_of_fp32_groups", [])
             return _tensor_bytes(optimizer.optimizer.state) + _tensor_bytes(list(masters))
 
-        return fwd_bwd, engine.step, state
+        return fwd_bwd, engine.step, state, None
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
@@ -211,14 +217,19 @@ def _worker(rank: int, world_size: int, store_path: str, variant: str, cfg: dict
     torch.manual_seed(cfg["seed"])
     model = GPT(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["context"])
     n_params = sum(p.numel() for p in model.parameters())
-    fwd_bwd, step, state_bytes = _build(variant, model, cfg)
+    fwd_bwd, step, state_bytes, grad_bytes = _build(variant, model, cfg)
     times, losses = [], []
+    grad_after_backward = grad_between_steps = 0
     for i in range(cfg["warmup"] + cfg["steps"]):
         x, y = make_batch(i, rank, cfg)
         dist.barrier()
         t0 = time.perf_counter()
         loss = fwd_bwd(x, y)
+        if grad_bytes is not None:  # a sum over a few storages: negligible inside the timing
+            grad_after_backward = max(grad_after_backward, grad_bytes())
         step()
+        if grad_bytes is not None:
+            grad_between_steps = max(grad_between_steps, grad_bytes())
         dist.barrier()
         times.append(time.perf_counter() - t0)
         mean_loss = loss.detach().float().clone()
@@ -226,7 +237,15 @@ def _worker(rank: int, world_size: int, store_path: str, variant: str, cfg: dict
         losses.append(float(mean_loss) / world_size)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rows = [None] * world_size
-    dist.all_gather_object(rows, {"rss_bytes": rss_kib * 1024, "state_bytes": int(state_bytes())})
+    dist.all_gather_object(
+        rows,
+        {
+            "rss_bytes": rss_kib * 1024,
+            "state_bytes": int(state_bytes()),
+            "grad_after_backward": grad_after_backward,
+            "grad_between_steps": grad_between_steps,
+        },
+    )
     if rank == 0:
         measured = times[cfg["warmup"] :]
         result = {
@@ -236,6 +255,12 @@ def _worker(rank: int, world_size: int, store_path: str, variant: str, cfg: dict
             "step_s_mean": sum(measured) / len(measured),
             "state_bytes_per_rank": [r["state_bytes"] for r in rows],
             "peak_rss_bytes_per_rank": [r["rss_bytes"] for r in rows],
+            "grad_bytes_after_backward_per_rank": (
+                [r["grad_after_backward"] for r in rows] if grad_bytes is not None else None
+            ),
+            "grad_bytes_between_steps_per_rank": (
+                [r["grad_between_steps"] for r in rows] if grad_bytes is not None else None
+            ),
             "losses": losses,
             "final_loss": losses[-1],
         }
@@ -299,7 +324,8 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
     spread = (max(finals) - min(finals)) / abs(min(finals))
     header = (
         f"{'variant':32} {'samples/s':>10} {'vs ddp':>7} {'state MiB/rank':>15} "
-        f"{'vs torch.optim':>15} {'peak RSS MiB/rank':>18} {'final loss':>11}"
+        f"{'vs torch.optim':>15} {'peak RSS MiB/rank':>18} {'grad MiB bwd/between':>21} "
+        f"{'final loss':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -309,9 +335,14 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
         state = max(r["state_bytes_per_rank"])
         ratio = state / base_state if base_state else math.nan
         rss = "/".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes_per_rank"])
+        grads = "-"
+        if r.get("grad_bytes_after_backward_per_rank"):
+            bwd = max(r["grad_bytes_after_backward_per_rank"]) / 2**20
+            between = max(r["grad_bytes_between_steps_per_rank"]) / 2**20
+            grads = f"{bwd:.1f}/{between:.1f}"
         print(
             f"{r['variant']:32} {r['samples_per_s']:10.2f} {speed:7.2f} {state / 2**20:15.2f} "
-            f"{ratio:15.3f} {rss:>18} {r['final_loss']:11.6f}"
+            f"{ratio:15.3f} {rss:>18} {grads:>21} {r['final_loss']:11.6f}"
         )
     print(f"\nparams: {results[0]['params']:,}; final-loss relative spread: {spread:.2e}")
     machine = {

@@ -2,10 +2,15 @@
 
 Each step has three phases, kept apart below:
 
-1. ``_reduce_*``: gradients land in a flat gradient buffer (parameters' ``.grad``
-   are views of it) and are summed over ranks bucket by bucket, launched
+1. ``_reduce_*``: gradients land in gradient buckets (parameters' ``.grad``
+   are views of them) and are summed over ranks bucket by bucket, launched
    asynchronously from ``post_accumulate_grad`` hooks while backward is still
-   running (``overlap=True``) or all at once in ``step()``.
+   running (``overlap=True``) or all at once in ``step()``. With
+   ``all_reduce`` the buckets are views of one flat gradient buffer per dtype;
+   with ``reduce_scatter`` (ZeRO-2) every bucket has its own storage, which is
+   allocated when its first gradient arrives and freed (storage resized to 0,
+   as FSDP does) as soon as its reduce-scatter has completed, so between steps
+   a rank holds only its reduced slice.
 2. ``_compute_*``: every rank averages its piece of the reduced gradient, agrees
    with the others on the global norm and non-finiteness (one small
    all-reduce), clips, and runs ``optim.functional`` on the elements it owns.
@@ -68,9 +73,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             when one is initialised. Without one, or with one rank, this is a
             plain single-process optimizer.
         grad_sync: ``"all_reduce"`` (every rank reduces the whole bucket and reads
-            its piece), ``"reduce_scatter"`` (each rank receives only its reduced
-            piece: ZeRO-2 communication), or ``"auto"`` (all-reduce on gloo,
-            where reduce-scatter is 2-3x slower; reduce-scatter otherwise).
+            its piece), ``"reduce_scatter"`` (ZeRO-2: each rank receives only its
+            reduced piece, and a bucket's full gradient is freed as soon as its
+            reduce-scatter completes), or ``"auto"`` (all-reduce on gloo, where
+            reduce-scatter is 2-3x slower; reduce-scatter otherwise).
         bucket_mb: target size of a communication bucket, in MiB.
         overlap: launch gradient reductions from backward hooks as buckets fill,
             overlapping communication with backward; ``False`` launches them all
@@ -88,7 +94,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     gradient. ``step()`` consumes the gradients: afterwards every ``.grad`` is
     ``None``. Use ``no_sync()`` for accumulation micro-batches and the
     ``clip_grad_norm`` option for clipping (gradients are in flight during
-    backward; do not modify ``.grad`` between backward and ``step()``).
+    backward; do not modify ``.grad`` between backward and ``step()``). With
+    ``reduce_scatter`` a parameter's ``.grad`` becomes ``None`` once its bucket
+    has been reduce-scattered and freed, possibly before backward ends.
 
     Parameters become views of flat buffers; with bf16/fp16 parameters an fp32
     master copy of this rank's shard is kept and the state is fp32. If you
@@ -172,7 +180,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for slot in self.layout.slots:
             self._slot_params.append(all_params[slot.index])
         self._flat: list[torch.Tensor] = []
-        self._grad: list[torch.Tensor] = []
+        self._grad: list[torch.Tensor] = []  # flat gradient buffers (all-reduce mode)
         self._master: list[torch.Tensor | None] = []
         self._grad_shard: list[torch.Tensor | None] = []
         self._state: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -186,12 +194,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     view.copy_(p.detach().reshape(-1))
                 p.data = view.view(slot.shape)
             self._flat.append(flat)
-            self._grad.append(torch.zeros(buf.numel, dtype=buf.dtype, device=buf.device))
+            rs = self.grad_sync == "reduce_scatter" and self.comm.distributed
+            if not rs:
+                self._grad.append(torch.zeros(buf.numel, dtype=buf.dtype, device=buf.device))
             low = buf.dtype in _LOW_PRECISION
             compute_dtype = torch.float32 if low else buf.dtype
             master = torch.zeros(buf.shard_numel, dtype=compute_dtype, device=buf.device) if low else None
             self._master.append(master)
-            rs = self.grad_sync == "reduce_scatter" and self.comm.distributed
             self._grad_shard.append(
                 torch.zeros(buf.shard_numel, dtype=buf.dtype, device=buf.device) if rs else None
             )
@@ -201,10 +210,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     torch.zeros(buf.shard_numel, dtype=compute_dtype, device=buf.device),
                 )
             )
-        self._grad_views = [
-            self._grad[sl.buffer][sl.start : sl.start + sl.numel].view(sl.shape)
-            for sl in self.layout.slots
-        ]
+        # ZeRO-2 frees each bucket's full gradient once its reduce-scatter is done.
+        self._free_grads = self.grad_sync == "reduce_scatter" and self.comm.distributed
+        self._bucket_grads: list[torch.Tensor] = []
+        for b in self.layout.buckets:
+            if self._free_grads:
+                info = self.layout.buffers[b.buffer]
+                t = torch.empty(b.end - b.start, dtype=info.dtype, device=info.device)
+            else:
+                t = self._grad[b.buffer][b.start : b.end]
+            self._bucket_grads.append(t)
+        self._grad_views = []
+        for sl in self.layout.slots:
+            b = self.layout.buckets[sl.bucket]
+            lo = sl.start - b.start
+            self._grad_views.append(self._bucket_grads[b.id][lo : lo + sl.numel].view(sl.shape))
+        if self._free_grads:  # allocated again when a bucket's first gradient arrives
+            for grad in self._bucket_grads:
+                grad.untyped_storage().resize_(0)
         self._segments: list[Segment] = self.layout.segments(rank)
         self._pieces = [b.piece(rank) for b in self.layout.buckets]
         self._launch_order = sorted(range(len(self.layout.buckets)), reverse=True)
@@ -257,6 +280,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         return self._clock.result()
 
+    def grad_bytes(self) -> int:
+        """Bytes of gradient storage this rank holds right now.
+
+        All-reduce mode: the flat gradient buffers (always allocated, the size of
+        the trainable parameters plus padding). Reduce-scatter mode (ZeRO-2):
+        the reduced slice (1/N) plus any bucket whose full gradient is still
+        allocated (during backward, until its reduce-scatter completes).
+        """
+        tensors = [*self._grad, *(s for s in self._grad_shard if s is not None)]
+        if self._free_grads:
+            tensors += self._bucket_grads
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (moments, and fp32 master if any)."""
         total = sum(s.numel() * s.element_size() for pair in self._state for s in pair)
@@ -271,6 +307,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._marked = [False] * n_slots
         self._ready = [0] * len(self.layout.buckets)
         self._handles: list[Any] = [None] * len(self.layout.buckets)
+        self._in_flight: list[int] = []  # reduce-scattered buckets whose storage is not freed yet
         self._next_launch = 0
         self._sync_enabled = getattr(self, "_sync_enabled", True)
 
@@ -292,6 +329,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "backward ran twice without step(); wrap the accumulation micro-batches "
                 "in `with opt.no_sync():`"
             )
+        if self._free_grads:
+            self._allocate_bucket_grad(bucket)
+            self._free_completed()
         if grad.data_ptr() != view.data_ptr():
             view.copy_(grad)
             param.grad = view
@@ -314,17 +354,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._next_launch += 1
 
     def _reduce_bucket(self, bucket: Bucket) -> None:
-        grad = self._grad[bucket.buffer]
+        if self._free_grads:
+            self._allocate_bucket_grad(bucket.id)
         for s in bucket.slots:
             if not self._has_local_grad[s]:
                 # No gradient here since the last step: contribute zeros.
                 self._grad_views[s].zero_()
-        full = grad[bucket.start : bucket.end]
+        full = self._bucket_grads[bucket.id]
         shard = self._grad_shard[bucket.buffer]
         out = None
         if shard is not None:
             out = shard[bucket.shard_offset : bucket.shard_offset + bucket.piece_numel]
         self._handles[bucket.id] = self.comm.reduce_bucket(full, out)
+        if self._free_grads:
+            self._in_flight.append(bucket.id)
 
     def _reduce_remaining(self) -> None:
         order = self._launch_order
@@ -333,6 +376,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._next_launch += 1
         for h in self._handles:
             h.wait()
+        self._free_completed(wait=True)
+
+    # ZeRO-2 gradient memory: a bucket's full gradient lives from its first
+    # gradient until its reduce-scatter completes (parameters' ``.grad`` views
+    # stay valid: resizing a storage keeps every view of it).
+
+    def _allocate_bucket_grad(self, bucket_id: int) -> None:
+        grad = self._bucket_grads[bucket_id]
+        storage = grad.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(grad.numel() * grad.element_size())
+            # Params' elements are always written (copied grads or zeros) before the
+            # reduction; the alignment padding at the bucket's end must be zero.
+            bucket = self.layout.buckets[bucket_id]
+            last = self.layout.slots[bucket.slots[-1]]
+            grad[last.start + last.numel - bucket.start :].zero_()
+
+    def _free_completed(self, *, wait: bool = False) -> None:
+        """Free the full gradient of every reduce-scattered bucket whose collective is done."""
+        keep = []
+        for b in self._in_flight:
+            handle = self._handles[b]
+            if wait or handle.is_completed():
+                handle.wait()  # re-raises a failed collective
+                for s in self.layout.buckets[b].slots:  # no .grad may point at freed memory
+                    self._slot_params[s].grad = None
+                self._bucket_grads[b].untyped_storage().resize_(0)
+            else:
+                keep.append(b)
+        self._in_flight = keep
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -353,12 +426,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for handle in self._handles:  # never clear a buffer under an in-flight reduction
             if handle is not None:
                 handle.wait()
+        self._free_completed(wait=True)
         for s, p in enumerate(self._slot_params):
             if set_to_none:
                 p.grad = None
             else:
+                if self._free_grads:
+                    self._allocate_bucket_grad(self.layout.slots[s].bucket)
                 self._grad_views[s].zero_()
                 p.grad = self._grad_views[s]
+        if set_to_none and self._free_grads:  # e.g. accumulated without a step: drop it all
+            for grad in self._bucket_grads:
+                grad.untyped_storage().resize_(0)
         self._reset_round()
         for group in self.param_groups:  # frozen params and others outside the buffers
             for p in group["params"]:
@@ -414,7 +493,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 piece = shard[off : off + size]
             else:
                 lo, hi = self._pieces[bucket.id]
-                piece = self._grad[bucket.buffer][lo:hi]
+                piece = self._bucket_grads[bucket.id][lo - bucket.start : hi - bucket.start]
             if piece.dtype in _LOW_PRECISION:
                 piece = piece.float()
             if n > 1:

@@ -26,3 +26,7 @@ def test_checkpoint_reshard_both_directions_and_corruption(tmp_path) -> None:
 
 def test_step_timings_split_communication_and_optimizer() -> None:
     spawn(workers.timings_worker, 2)
+
+
+def test_reduce_scatter_frees_all_but_the_reduced_slice() -> None:
+    spawn(workers.grad_memory_worker, 2)

@@ -455,3 +455,57 @@ def timings_worker(rank: int, world_size: int) -> None:
             assert math.isclose(t["communication"] + t["optimizer"], t["step"], abs_tol=1e-9)
             assert t["step"] <= wall, (t, wall)
             assert t["communication"] > 0.0, t
+
+
+def grad_memory_worker(rank: int, world_size: int) -> None:
+    """ZeRO-2: reduce-scatter keeps only the reduced 1/N slice of the gradient between steps.
+
+    Same bits as all-reduce (two-rank sums have one order), with accumulation,
+    ``zero_grad(set_to_none=False)``, an unused parameter and overlap on and off.
+    """
+    nadam = optimizer_classes()["nadam"]
+    nets = {mode: make_net() for mode in ("all_reduce", "rs_overlap", "rs_no_overlap")}
+    opts = {
+        mode: ZeroOptimizer(
+            net.groups(lr=5e-3),
+            nadam,
+            bucket_mb=TINY_BUCKET_MB,
+            lr=1e-2,
+            grad_sync="all_reduce" if mode == "all_reduce" else "reduce_scatter",
+            overlap=mode != "rs_no_overlap",
+        )
+        for mode, net in nets.items()
+    }
+    layout = opts["all_reduce"].layout
+    elem = 4
+    trainable = sum(p.numel() for p in nets["all_reduce"].parameters() if p.requires_grad)
+    full = elem * sum(buf.numel for buf in layout.buffers)  # flat grad buffer incl. padding
+    shard = elem * sum(buf.shard_numel for buf in layout.buffers)
+    assert shard <= elem * (math.ceil(trainable / world_size) + 32 * len(layout.buckets))
+    assert opts["all_reduce"].grad_bytes() == full
+    assert opts["rs_overlap"].grad_bytes() == shard, "nothing but the slice before backward"
+
+    for step in range(6):
+        for mode, opt in opts.items():
+            net = nets[mode]
+            opt.zero_grad(set_to_none=step % 2 == 0)
+            with opt.no_sync():
+                loss_of(net, step * 10, rank).backward()
+            loss_of(net, step * 10 + 1, rank).backward()
+            held = opt.grad_bytes()
+            if mode == "all_reduce":
+                assert held == full
+            elif mode == "rs_no_overlap":  # every bucket is reduced (and freed) in step()
+                assert held == full + shard, (held, full, shard)
+            else:  # buckets already reduce-scattered during backward may be freed
+                assert shard < held <= full + shard, (held, full, shard)
+            opt.step()
+            after = opt.grad_bytes()
+            assert after == (full if mode == "all_reduce" else shard), (mode, after)
+            assert all(p.grad is None for p in net.parameters())
+        for mode in ("rs_overlap", "rs_no_overlap"):
+            assert_params_close(nets[mode], nets["all_reduce"], exact=True)
+    for mode, opt in opts.items():
+        opt.zero_grad()
+        assert opt.grad_bytes() == (full if mode == "all_reduce" else shard)
+    assert_same_on_all_ranks(nets["rs_overlap"])
