@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 import math
 import sqlite3
@@ -266,8 +267,10 @@ class JobStore:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            # Opened outside the writer lock: under load a new gRPC worker thread's
+            # first connect could stall behind (and then stall) every writer.
+            conn = self._connect()
             with self._lock:
-                conn = self._connect()
                 self._readers.append(conn)
             self._local.conn = conn
         return conn
@@ -637,12 +640,25 @@ def _checkpoint_dict(info: CheckpointInfo) -> dict:
     return {"step": info.step, "path": info.path, "time": info.time}
 
 
+@functools.lru_cache(maxsize=4096)
+def _spec_from_json(text: str) -> JobSpec:
+    """The stored spec, parsed and validated once per distinct text.
+
+    Every read (GetJob, each job of a ListJobs page, watch) used to re-run
+    ``JobSpec.from_dict`` (~95 us: the whole validation, the task registry
+    included), most of the cost of a GetJob. A job's spec never changes once
+    stored, and ``JobSpec`` is frozen, so readers share one instance; nothing
+    in the service mutates a spec's ``labels``/``task_args`` dicts.
+    """
+    return JobSpec.from_dict(json.loads(text))
+
+
 def _record_from_row(row: sqlite3.Row) -> JobRecord:
     checkpoint = json.loads(row["checkpoint"]) if row["checkpoint"] else None
     return JobRecord(
         job_id=row["job_id"],
         owner=row["owner"],
-        spec=JobSpec.from_dict(json.loads(row["spec"])),
+        spec=_spec_from_json(row["spec"]),
         state=JobState(row["state"]),
         state_reason=row["state_reason"],
         created_at=row["created_at"],
