@@ -23,6 +23,27 @@ class _Done:
     def wait(self) -> bool:
         return True
 
+    def is_completed(self) -> bool:
+        return True
+
+
+class _ChunkOnWait:
+    """An async all-reduce of a whole bucket that copies this rank's chunk out on ``wait()``."""
+
+    def __init__(self, work: dist.Work, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        self._work, self._chunk, self._out = work, chunk, out
+        self._done = False
+
+    def is_completed(self) -> bool:
+        return self._done or self._work.is_completed()
+
+    def wait(self) -> bool:
+        if not self._done:
+            self._work.wait()
+            self._out.copy_(self._chunk)
+            self._done = True
+        return True
+
 
 @dataclass
 class Communicator:
@@ -56,16 +77,31 @@ class Communicator:
         """Sum ``full`` over ranks (async).
 
         With ``piece_out`` (reduce-scatter), this rank's piece of the sum is written
-        there and ``full`` is left as scratch; without it (all-reduce), ``full`` is
-        summed in place.
+        there by the time the handle's ``wait()`` returns and ``full`` is left as
+        scratch; without it (all-reduce), ``full`` is summed in place. ``full`` must
+        stay allocated until ``wait()``.
+
+        On gloo, torch's reduce-scatter is itself an all-reduce of a full clone of
+        the input, with this rank's chunk copied out in ``wait()`` (and a handle
+        whose ``is_completed()`` never turns true). Doing exactly that on ``full``
+        in place gives the same sums without the extra full-size copy, and a
+        handle that reports completion, so ZeRO-2 can free the bucket early.
         """
         if not self.distributed:
             if piece_out is not None:
                 piece_out.copy_(full)
             return _Done()
         if piece_out is not None:
+            if self._gloo:
+                work = dist.all_reduce(full, group=self.group, async_op=True)
+                lo = self.rank * piece_out.numel()
+                return _ChunkOnWait(work, full[lo : lo + piece_out.numel()], piece_out)
             return dist.reduce_scatter_single(piece_out, full, group=self.group, async_op=True)
         return dist.all_reduce(full, group=self.group, async_op=True)
+
+    @property
+    def _gloo(self) -> bool:
+        return self.backend == "gloo"
 
     def gather_bucket(self, full: torch.Tensor, piece: torch.Tensor):
         """All-gather every rank's ``piece`` into ``full`` (async).

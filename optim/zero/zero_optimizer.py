@@ -75,8 +75,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         grad_sync: ``"all_reduce"`` (every rank reduces the whole bucket and reads
             its piece), ``"reduce_scatter"`` (ZeRO-2: each rank receives only its
             reduced piece, and a bucket's full gradient is freed as soon as its
-            reduce-scatter completes), or ``"auto"`` (all-reduce on gloo, where
-            reduce-scatter is 2-3x slower; reduce-scatter otherwise).
+            reduce-scatter completes), or ``"auto"`` (all-reduce on gloo, whose
+            reduce-scatter is an all-reduce underneath and saves no traffic, only
+            gradient memory; reduce-scatter otherwise).
         bucket_mb: target size of a communication bucket, in MiB.
         overlap: launch gradient reductions from backward hooks as buckets fill,
             overlapping communication with backward; ``False`` launches them all

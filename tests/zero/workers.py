@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -434,8 +435,6 @@ def nccl_worker(rank: int, world_size: int) -> None:
 
 def timings_worker(rank: int, world_size: int) -> None:
     """``last_step_timings``: every key, non-negative, within step()'s wall time, comm > 0."""
-    import time
-
     for grad_sync, overlap in (("all_reduce", True), ("reduce_scatter", False)):
         net = make_net()
         opt = ZeroOptimizer(
@@ -509,3 +508,32 @@ def grad_memory_worker(rank: int, world_size: int) -> None:
         opt.zero_grad()
         assert opt.grad_bytes() == (full if mode == "all_reduce" else shard)
     assert_same_on_all_ranks(nets["rs_overlap"])
+
+    # Buckets whose reduction has completed are freed by later gradient hooks, during
+    # backward: a pause before the first layer's gradients lets the others finish.
+    def mlp() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+
+    layer_mb = (32 * 32 + 32) * 4 / 2**20  # one layer per bucket
+    mlps = {mode: mlp() for mode in ("all_reduce", "reduce_scatter")}
+    mlp_opts = {
+        mode: ZeroOptimizer(net.parameters(), nadam, bucket_mb=layer_mb, grad_sync=mode, lr=1e-2)
+        for mode, net in mlps.items()
+    }
+    rs = mlp_opts["reduce_scatter"]
+    full = 4 * sum(buf.numel for buf in rs.layout.buffers)
+    shard = 4 * sum(buf.shard_numel for buf in rs.layout.buffers)
+    assert len(rs.layout.buckets) == 4
+    for step in range(3):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(10 * step + rank))
+        for mode, net in mlps.items():
+            h = net[0](x)
+            h.register_hook(lambda g: time.sleep(0.3))
+            net[1:](h).square().mean().backward()
+            if mode == "reduce_scatter":
+                assert rs.grad_bytes() < full + shard, "no bucket was freed during backward"
+                assert net[3].weight.grad is None, "a freed bucket's .grad must be None"
+            mlp_opts[mode].step()
+            mlp_opts[mode].zero_grad()
+        assert_params_close(mlps["reduce_scatter"], mlps["all_reduce"], exact=True)
