@@ -342,6 +342,17 @@ def _first_step_bare(ray_address: str, storage: Path, env: dict[str, str]) -> fl
 
 
 # ---------------------------------------------------------------------- main
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (``platform.processor()`` is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -352,6 +363,7 @@ def run(
 ) -> dict:
     from service.ray_jobs import start_local_ray
 
+    load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))
     head = start_local_ray(root / "ray", num_cpus=2)
     env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(root / "ray" / "auth_token"),
@@ -449,8 +461,9 @@ def run(
     return {
         "config": {"seconds": seconds, "clients": clients * threads, "client_processes": clients,
                    "submits": submits, "repeats": repeats, "think_ms": think_s * 1e3},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1m_start": round(load_at_start, 1),
                     "load_average_1m": round(os.getloadavg()[0], 1)},
         "load_seconds": round(load_s, 1),
         "rpc_rate_per_s": round(sum(len(v) for v in latencies.values()) / seconds, 1),
@@ -503,7 +516,9 @@ def main() -> None:
     os.replace(tmp, out)
     print(f"{result['config']['clients']} clients (think {args.think_ms:g} ms) for "
           f"{result['load_seconds']} s, {result['rpc_rate_per_s']} rpc/s, "
-          f"load average {result['machine']['load_average_1m']}")  # fmt: skip
+          f"load average {result['machine']['load_average_1m_start']} -> "
+          f"{result['machine']['load_average_1m']} on {result['machine']['cpus']} CPUs "
+          f"({result['machine']['cpu_model']})")  # fmt: skip
     print(f"{'rpc':<10} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for rpc, row in result["rpcs"].items():
         print(f"{rpc:<10} {row['calls']:>7} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}")
