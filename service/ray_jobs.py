@@ -46,6 +46,7 @@ __all__ = [
     "LocalRay",
     "RayJobInfo",
     "RayJobs",
+    "free_port",
     "runtime_entrypoint",
     "start_local_ray",
 ]
@@ -308,10 +309,25 @@ def _signal(procs: list[psutil.Process], sig: int) -> None:
             proc.send_signal(sig)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_handed_out_ports: set[int] = set()
+_port_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A free loopback port that this process has not handed out before.
+
+    Once a probe socket is closed the kernel may give the same port to the
+    next ``bind(0)``, and Ray refuses to start when two of its components get
+    the same port, so ports handed out here are never repeated.
+    """
+    with _port_lock:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out_ports:
+                _handed_out_ports.add(port)
+                return port
 
 
 def _reachable(address: str, token: str) -> bool:
@@ -364,7 +380,7 @@ def start_local_ray(
     with os.fdopen(fd, "w") as f:
         f.write(token)
     ports = {
-        name: _free_port()
+        name: free_port()
         for name in (
             "port",
             "dashboard-port",

@@ -9,7 +9,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from service.ray_jobs import free_port
 
 __all__ = ["MultiNodeCluster", "RayNode"]
 
@@ -33,10 +34,6 @@ _NODE_PORTS = (
 _HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -107,7 +104,7 @@ class MultiNodeCluster:
         temp_dir = self.root / name
         temp_dir.mkdir()
         log_path = self.root / f"{name}.log"
-        ports = [f"--{port}={_free_port()}" for port in _NODE_PORTS]
+        ports = [f"--{port}={free_port()}" for port in _NODE_PORTS]
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
             f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
@@ -125,7 +122,7 @@ class MultiNodeCluster:
         return node
 
     def start_head(self, *, num_cpus: int) -> RayNode:
-        ports = {name: _free_port() for name in _HEAD_PORTS}
+        ports = {name: free_port() for name in _HEAD_PORTS}
         node = self._start(
             "head",
             [
