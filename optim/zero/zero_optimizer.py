@@ -85,6 +85,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         clip_grad_norm: if set, clip the averaged gradient to this global L2 norm
             (computed across ranks), as ``torch.nn.utils.clip_grad_norm_``.
         compile: use the fused ``torch.compile`` kernels of ``optim.functional``.
+        track_update_stats: measure each step's update norm (and Adamax's
+            refreshed-``u`` fraction) for ``stats()``. This costs a copy of the
+            shard and an extra pass per step; training loops that read
+            ``stats()`` only every few steps can set the attribute to ``True``
+            just before those steps and ``False`` otherwise.
         **optimizer_options: the options of ``optimizer_class`` (``lr``,
             ``betas``, ``eps``, ``weight_decay``, ``maximize``, Nadam's
             ``momentum_decay`` and ``decoupled_weight_decay``), validated by it.
@@ -121,6 +126,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         overlap: bool = True,
         clip_grad_norm: float | None = None,
         compile: bool = False,
+        track_update_stats: bool = True,
         **optimizer_options: Any,
     ) -> None:
         if optimizer_class is None:
@@ -148,6 +154,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.overlap = bool(overlap)
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.compile = bool(compile)
+        self.track_update_stats = bool(track_update_stats)
         self._build_buffers()
         self._steps = [0] * len(self.layout.slots)  # per-parameter step counts (replicated)
         self._mu_chains: list[list[torch.Tensor]] = [[] for _ in self.param_groups]
@@ -559,8 +566,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 p = params[run.lo : run.hi]
                 g = grad_pieces[bucket.id][run.lo : run.hi]
                 st = (states[0][run.lo : run.hi], states[1][run.lo : run.hi])
-                before = p.clone()
-                u_before = st[1].clone() if self.algorithm.name == "adamax" else None
+                track = self.track_update_stats
+                before = p.clone() if track else None
+                u_before = st[1].clone() if track and self.algorithm.name == "adamax" else None
                 group = self.param_groups[run.group]
                 mu_product = (
                     self._mu_product(run.group, run.step - 1).clone()
@@ -570,7 +578,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.algorithm.step(
                     p, g, st, mu_product, step=run.step, group=group, compile=self.compile
                 )
-                update_sq += float(torch.dist(before, p)) ** 2
+                if before is not None:
+                    update_sq += float(torch.dist(before, p)) ** 2
                 if u_before is not None:
                     beta2 = group["betas"][1]
                     refreshed += float((st[1] != u_before.mul_(beta2)).sum())

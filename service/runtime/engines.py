@@ -52,6 +52,9 @@ class Engine:
         """Optimizer statistics of the last step (collective)."""
         raise NotImplementedError
 
+    def track_update_stats(self, enabled: bool) -> None:
+        """Whether the next update must be measured for ``stats()`` (no-op by default)."""
+
     def step_timings(self) -> dict[str, float]:
         """Seconds of the last parameter update spent in ``communication`` (waiting on
         collectives) and ``optimizer`` compute; ``{}`` when the engine does not measure them."""
@@ -102,6 +105,9 @@ class NativeEngine(Engine):
 
     def stats(self) -> dict[str, float]:
         return self.opt.stats()
+
+    def track_update_stats(self, enabled: bool) -> None:
+        self.opt.track_update_stats = enabled
 
     def step_timings(self) -> dict[str, float]:
         return self.opt.last_step_timings

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
 from service.runtime.reporter import Reporter, make_reporter
-from service.spec import JobSpec
+from service.spec import JobSpec, TrainingSpec
 from service.tasks import get_task
 
 __all__ = ["CHECKPOINT_META", "CheckpointCorrupted", "train_loop_per_worker", "verify_checksums"]
@@ -141,6 +141,8 @@ def _train(
     if step >= training.max_steps and rank == 0:
         print(f"zerotrain: step {step} >= max_steps {training.max_steps}: done", flush=True)
     while step < training.max_steps:
+        # Measuring the update costs a pass over the shard: only for reported steps.
+        engine.track_update_stats(_reports_at(training, step + 1))
         for micro in range(accum):
             last = micro == accum - 1
             t0 = time.perf_counter()
@@ -174,9 +176,9 @@ def _train(
 
         final = step == training.max_steps
         saved = None
-        if final or (training.checkpoint_every and step % training.checkpoint_every == 0):
+        if _checkpoints_at(training, step):
             saved = _save_checkpoint(spec, config, engine, rank, world, step, position, attempt)
-        if final or saved is not None or step % training.metrics_every == 0:
+        if _reports_at(training, step):
             record = _metrics_record(
                 spec, config, task, engine, window, rank, world, attempt, step, final
             )
@@ -185,6 +187,17 @@ def _train(
                     record["checkpoint"] = saved
                 reporter.emit(record)
             window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+
+
+def _checkpoints_at(training: TrainingSpec, step: int) -> bool:
+    """Whether a checkpoint is saved after ``step`` (always after the last one)."""
+    every = training.checkpoint_every
+    return step == training.max_steps or bool(every and step % every == 0)
+
+
+def _reports_at(training: TrainingSpec, step: int) -> bool:
+    """Whether a metrics record is emitted after ``step``."""
+    return _checkpoints_at(training, step) or step % training.metrics_every == 0
 
 
 def _metrics_record(

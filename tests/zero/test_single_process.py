@@ -223,3 +223,27 @@ def test_step_timings_without_process_group() -> None:
     assert set(t) == {"communication", "optimizer", "step"}
     assert t["optimizer"] > 0.0 and 0.0 <= t["communication"] <= t["step"]
     assert math.isclose(t["communication"] + t["optimizer"], t["step"], abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [Adamax, Nadam])
+def test_untracked_steps_update_identically_and_report_no_update(cls) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(7, 3)
+    twin = copy.deepcopy(model)
+    tracked = ZeroOptimizer(model.parameters(), optimizer_class=cls, lr=1e-2)
+    untracked = ZeroOptimizer(
+        twin.parameters(), optimizer_class=cls, lr=1e-2, track_update_stats=False
+    )
+    for _ in range(3):
+        x = torch.randn(5, 7)
+        for m, opt in ((model, tracked), (twin, untracked)):
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert tracked.stats()["update_norm"] > 0
+    assert untracked.stats()["update_norm"] == 0.0
+    untracked.track_update_stats = True
+    twin(torch.randn(5, 7)).square().sum().backward()
+    untracked.step()
+    assert untracked.stats()["update_norm"] > 0
