@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints.txt
 PIP := $(PY) -m pip install --constraint $(CONSTRAINTS)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench generate clean prometheus
+.PHONY: setup demo test test-fast lint typecheck bench generate clean prometheus
 
 setup: $(STAMP)
 
@@ -27,8 +27,16 @@ lint: setup
 typecheck: setup
 	$(PY) -m mypy optim service
 
+# Every run ends with the skip reasons and the 15 slowest tests.
+PYTEST := $(PY) -m pytest -rs --durations=15
+
 test: setup lint prometheus
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# The edit-test loop: everything but the tests that start a Ray cluster or a
+# service subprocess (marked `ray`); multi-process gloo tests included.
+test-fast: setup lint prometheus
+	$(PYTEST) -m "not ray"
 
 demo: setup
 	$(PY) -m service.demo
@@ -41,16 +49,23 @@ bench: setup
 
 # promtool + prometheus for the observability tests: Debian's package, unpacked
 # into a project-local folder (no root install needed; idempotent). Skipped when
-# promtool and prometheus are already on PATH.
+# promtool and prometheus are already on PATH. Without network access apt gives
+# up after a bounded wait and this target fails naming what is missing.
 PROM_DIR := .prometheus
+APT_BOUNDED := -o Acquire::http::Timeout=15 -o Acquire::https::Timeout=15 -o Acquire::Retries=1
 prometheus: $(PROM_DIR)/usr/bin/promtool
 
 $(PROM_DIR)/usr/bin/promtool:
 	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then \
 		echo "prometheus: using $$(command -v promtool)"; exit 0; fi; \
+	echo "prometheus: fetching Debian's prometheus package into $(PROM_DIR)/ (promtool and prometheus, for the tests)"; \
 	rm -rf $(PROM_DIR).tmp && mkdir -p $(PROM_DIR).tmp && \
-	(cd $(PROM_DIR).tmp && (apt-get download prometheus 2>/dev/null \
-		|| (apt-get update -qq && apt-get download prometheus))) && \
+	if ! (cd $(PROM_DIR).tmp && (apt-get $(APT_BOUNDED) download prometheus 2>/dev/null \
+		|| (apt-get $(APT_BOUNDED) update -qq && apt-get $(APT_BOUNDED) download prometheus))); then \
+		rm -rf $(PROM_DIR).tmp; \
+		echo "prometheus: could not download Debian's 'prometheus' package (no network or no apt?)." >&2; \
+		echo "  The tests need 'promtool' and 'prometheus': put both on PATH, or rerun with network access." >&2; \
+		exit 1; fi && \
 	dpkg-deb -x $(PROM_DIR).tmp/prometheus_*.deb $(PROM_DIR).tmp/root && \
 	rm -rf $(PROM_DIR) && mv $(PROM_DIR).tmp/root $(PROM_DIR) && rm -rf $(PROM_DIR).tmp && \
 	$(PROM_DIR)/usr/bin/promtool --version | head -1
