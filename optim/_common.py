@@ -1,13 +1,109 @@
-"""Helpers shared by the drop-in optimizers: validation, state setup, dispatch."""
+"""What the drop-in optimizers share with torch.optim: validation, state layout, the step loop."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
 
 _FOREACH_DEVICES = ("cuda", "xpu")
+# Options newer than some pickled optimizers; __setstate__ fills them in as torch does.
+_LATE_OPTIONS = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
+
+
+class TwinOptimizer(Optimizer):
+    """The skeleton ``torch.optim.Adamax`` and ``NAdam`` share, for their drop-in twins.
+
+    Subclasses name torch's class, the two moment tensors and the 0-dim scalar
+    states they keep per parameter, and implement ``_update`` for one param
+    group. State is created lazily, on a parameter's first gradient, in torch's
+    layout (scalars on the CPU unless ``capturable``), so state dicts load in
+    either direction.
+    """
+
+    torch_name: str
+    moment_keys: tuple[str, str]
+    scalar_states: dict[str, float]  # key -> initial value
+    late_options: dict[str, Any] = {}  # more options __setstate__ fills in
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        validate_hyperparameters(
+            defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        )
+        self._reject_differentiable(defaults["differentiable"])
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (_LATE_OPTIONS | self.late_options).items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                for key in self.scalar_states if p_state else ():
+                    if not torch.is_tensor(p_state[key]):  # an old state dict's python number
+                        p_state[key] = scalar_state(float(p_state[key]), p, group["capturable"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; rejects ``differentiable=True`` like the constructor."""
+        self._reject_differentiable(param_group.get("differentiable", False))
+        super().add_param_group(param_group)
+
+    def _reject_differentiable(self, differentiable: bool) -> None:
+        if differentiable:
+            raise ValueError(
+                f"{type(self).__name__}: differentiable=True is not supported (the update runs "
+                f"without autograd); use torch.optim.{self.torch_name}(..., differentiable=True) "
+                "to differentiate through optimizer steps"
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure: reevaluates the model and returns the loss (optional).
+        """
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = [], []
+            states: dict[str, list[Tensor]] = {k: [] for k in (*self.scalar_states, *self.moment_keys)}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self.torch_name} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    for key, value in self.scalar_states.items():
+                        state[key] = scalar_state(value, p, group["capturable"])
+                    for key in self.moment_keys:
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                for key, values in states.items():
+                    values.append(state[key])
+            if params:
+                self._update(group, params, grads, states)
+        return loss
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: dict[str, list[Tensor]]) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    @staticmethod
+    def _options(group: dict[str, Any], *keys: str) -> dict[str, Any]:
+        """The functional kernel's keyword options from a param group."""
+        beta1, beta2 = group["betas"]
+        options = {"lr": to_scalar(group["lr"]), "beta1": beta1, "beta2": beta2}
+        return options | {k: group[k] for k in ("eps", "weight_decay", "maximize", *keys)}
 
 
 def validate_hyperparameters(
@@ -28,17 +124,6 @@ def validate_hyperparameters(
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-def reject_differentiable(name: str, differentiable: bool) -> None:
-    """The one torch option we do not implement: autograd through the step."""
-    if differentiable:
-        torch_name = {"Nadam": "NAdam"}.get(name, name)
-        raise ValueError(
-            f"{name}: differentiable=True is not supported (the update runs without "
-            f"autograd); use torch.optim.{torch_name}(..., differentiable=True) to "
-            "differentiate through optimizer steps"
-        )
-
-
 def scalar_dtype() -> torch.dtype:
     """torch.optim's dtype for ``step`` / ``mu_product``: float64 only under a float64 default."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -51,27 +136,11 @@ def scalar_state(value: float, param: Tensor, capturable: bool) -> Tensor:
     return torch.tensor(value, dtype=scalar_dtype())
 
 
-def zero_step(param: Tensor, capturable: bool) -> Tensor:
-    """The initial ``step`` state (0.0)."""
-    return scalar_state(0.0, param, capturable)
-
-
-def upgrade_scalar_state(state: dict[str, Any], key: str, param: Tensor, capturable: bool) -> None:
-    """Turn a python-number ``step``/``mu_product`` from an old state dict into a tensor."""
-    if not torch.is_tensor(state[key]):
-        state[key] = scalar_state(float(state[key]), param, capturable)
-
-
 def to_scalar(value: float | Tensor) -> float | Tensor:
     """A 1-element tensor hyperparameter becomes 0-dim; python numbers pass through."""
     if isinstance(value, Tensor) and value.dim() != 0:
         return value.squeeze()
     return value
-
-
-def host_value(value: float | Tensor) -> float:
-    """A python float (reads a tensor hyperparameter back to the host)."""
-    return value.item() if isinstance(value, Tensor) else value
 
 
 def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
@@ -84,21 +153,14 @@ def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
     )
 
 
-def increment_steps(steps: list[Tensor]) -> None:
-    """``step += 1`` for a list of 0-dim step tensors, in one foreach call."""
+def increment_steps(steps: list[Tensor]) -> list[float]:
+    """``step += 1`` for 0-dim step tensors, as torch does; returns the new values."""
     if steps[0].is_cpu:
         # One wrapped tensor instead of one per element on the CPU slow path.
         torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
     else:
         torch._foreach_add_(steps, 1)
-
-
-def complex_as_real(*tensor_lists: list[Tensor]) -> None:
-    """Replace complex tensors in the lists by their real views, in place."""
-    for tensors in tensor_lists:
-        for i, t in enumerate(tensors):
-            if torch.is_complex(t):
-                tensors[i] = torch.view_as_real(t)
+    return [s.item() for s in steps]
 
 
 def check_capturable_devices(params: list[Tensor], *state_lists: list[Tensor]) -> None:

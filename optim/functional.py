@@ -1,73 +1,267 @@
-"""Pure Adamax / Nadam update steps over (flat) tensors.
+"""The Adamax and Nadam update rules, each written once, and the ways to run them.
 
-Both functions update ``param`` and the optimizer state in place and never
-modify ``grad``. They reproduce torch.optim's ``_single_tensor_adamax`` and
-``_single_tensor_nadam`` operation by operation, so calling them on one flat
-buffer that holds many parameters gives the same bits as torch gives per
-parameter (every operation is elementwise).
+``adamax`` and ``nadam`` update lists of tensors in place, like torch.optim's
+functional API; the drop-in classes call them with one tensor per parameter,
+``ZeroOptimizer`` with one flat run of elements per call. Three layers:
 
-``compile=True`` runs a fused kernel built with ``torch.compile`` instead: the
-whole update in one pass over memory (read p, g, m, u once; write p, m, u once:
-28 bytes per float32 element), meant for the sharded optimizer, which calls it
-once on one contiguous shard. Every value that changes from step to step (the
-learning rate, the bias corrections, Nadam's momentum cache) is computed on the
-host exactly as in the eager path and handed to the kernel as one small tensor,
-so stepping never recompiles. The kernel evaluates the same expressions in the
-same order, with a fused multiply-add exactly where ATen's vectorised CPU
-kernels use one (lerp, add with alpha, addcmul). On CPU the compiled Adamax is
-bitwise equal to eager; the compiled Nadam differs only through ``sqrt``, which
-eager CPU evaluates with a vectorised approximation (within 1 ulp) and the
-compiled kernel rounds correctly, so the two agree to about 1 ulp. When
-``torch.compile`` is unavailable the eager path runs instead.
+* **Schedules**: the scalars that change from step to step (Adamax's step size,
+  Nadam's momentum cache ``mu_t`` and its step sizes), computed on the host in
+  float64 exactly as torch computes them, the same for every path.
+* **Rules**: the elementwise update of each algorithm, written once against a
+  handful of tensor operations (``_moments`` and ``_denominator`` functions).
+* **Ways to run a rule**: one tensor at a time with ATen's kernels (torch's
+  for-loop path, the default), whole lists with ``torch._foreach_*`` kernels
+  (torch's multi-tensor path, ``foreach=True``), or traced by ``torch.compile``
+  into one fused kernel per tensor that reads and writes every operand once
+  (``compile=True``; 28 bytes per float32 element). The step-dependent scalars
+  reach the fused kernel as one small tensor, so stepping never recompiles.
+
+Parity: the for-loop and foreach paths run torch's operations in torch's order,
+so each gives torch's bits for the same ``foreach`` setting. (torch's two paths
+differ in Nadam's denominator, ``sqrt(v / bc2)`` per tensor and
+``sqrt(v) / sqrt(bc2)`` for lists; both are kept.) The fused kernel evaluates the
+for-loop formula with correctly rounded float32 operations and a fused
+multiply-add exactly where ATen's vectorised CPU kernels use one (lerp, add with
+alpha, addcmul). It therefore matches the for-loop path bit for bit except
+through ``sqrt``, which ATen's vectorised CPU kernel approximates within 1 ulp.
+Before a fused kernel is first used it is checked against the for-loop path on a
+sample; a toolchain that produces a wrong kernel is reported and the eager path
+runs instead, as it does when ``torch.compile`` is unavailable.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import struct
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "adamax",
+    "adamax_capturable",
     "adamax_step",
-    "adamax_step_capturable",
+    "adamax_step_size",
+    "advance_mu_product",
     "compile_available",
+    "compile_seconds",
+    "nadam",
+    "nadam_capturable",
+    "nadam_momentum",
     "nadam_step",
-    "nadam_step_capturable",
+    "nadam_step_sizes",
 ]
 
 _log = logging.getLogger(__name__)
 
+Scalar = float | Tensor
 
-def adamax_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_inf: Tensor,
+# ---------------------------------------------------------------------------
+# Schedules: functions of the step count, computed on the host
+# ---------------------------------------------------------------------------
+
+
+def adamax_step_size(lr: Scalar, beta1: float, step: float) -> Scalar:
+    """``-lr / (1 - beta1**step)``: only Adamax's first moment is bias corrected."""
+    return -(lr / (1 - beta1**step))
+
+
+def nadam_momentum(beta1: float, momentum_decay: float, step: Any) -> Any:
+    """The momentum cache ``mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay))``.
+
+    ``step`` may be a python number or (capturable path) a tensor.
+    """
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def nadam_step_sizes(
+    lr: Scalar, mu: float, mu_next: float, mu_product: float
+) -> tuple[Scalar, Scalar]:
+    """Step sizes of the gradient and momentum terms of the Nesterov update.
+
+    ``mu_product`` is ``mu_1 * ... * mu_t`` including this step's ``mu``:
+    ``(-lr (1 - mu_t) / (1 - prod_t), -lr mu_{t+1} / (1 - prod_t mu_{t+1}))``.
+    """
+    return -lr * (1.0 - mu) / (1.0 - mu_product), (-lr * mu_next) / (1.0 - mu_product * mu_next)
+
+
+def advance_mu_product(mu_product: float, mu: float, dtype: torch.dtype) -> float:
+    """``mu_product * mu`` rounded as torch rounds its 0-dim ``mu_product`` state of ``dtype``.
+
+    torch multiplies the tensor in place by a python float, which is first cast
+    to the tensor's dtype; in float32 the product of two float32 values is
+    exact in float64, so rounding it once gives torch's bits without a tensor.
+    """
+    if dtype == torch.float64:
+        return mu_product * mu
+    if dtype != torch.float32:
+        raise ValueError(f"mu_product dtype must be float32 or float64, got {dtype}")
+    return _round_to_float32(_round_to_float32(mu_product) * _round_to_float32(mu))
+
+
+def _round_to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+# ---------------------------------------------------------------------------
+# Rules: each update written once, against the operations of one way to run it
+# ---------------------------------------------------------------------------
+
+
+def _adamax_moments(ops, params, grads, exp_avgs, exp_infs, *, lerp_weight, beta2, eps,
+                    weight_decay, maximize):  # fmt: skip
+    """Adamax's ``m`` and ``u`` of this step, in place (``weight_decay`` None: off)."""
+    if maximize:
+        grads = ops.neg(grads)
+    if weight_decay is not None:
+        grads = ops.add(grads, params, weight_decay)
+    # Update biased first moment estimate.
+    ops.lerp_(exp_avgs, grads, lerp_weight)
+    # Update the exponentially weighted infinity norm (eps inside the max).
+    ops.mul_(exp_infs, beta2)
+    bounded = ops.abs(grads)
+    ops.add_(bounded, eps)
+    ops.maximum_(exp_infs, bounded)
+
+
+def _nadam_moments(ops, params, grads, exp_avgs, exp_avg_sqs, *, lerp_weight, beta2,
+                   one_minus_beta2, weight_decay, decay, maximize):  # fmt: skip
+    """Nadam's ``m`` and ``v`` of this step, in place; returns the gradient the update uses.
+
+    ``decay`` (``1 - lr * weight_decay``) set: decoupled weight decay (NAdamW);
+    else ``weight_decay`` set: L2 penalty added to the gradient; both None: off.
+    """
+    if maximize:
+        grads = ops.neg(grads)
+    if decay is not None:
+        # Decoupled (AdamW-style) weight decay.
+        ops.mul_(params, decay)
+    elif weight_decay is not None:
+        grads = ops.add(grads, params, weight_decay)
+    # Decay the first and second moment running averages.
+    ops.lerp_(exp_avgs, grads, lerp_weight)
+    ops.mul_(exp_avg_sqs, beta2)
+    ops.addcmul_(exp_avg_sqs, grads, grads, one_minus_beta2)
+    return grads
+
+
+def _nadam_denominator(ops, exp_avg_sqs, bias_correction2, eps):
+    """``sqrt(v / (1 - beta2**t)) + eps`` (torch's per-tensor form)."""
+    denom = ops.sqrt(ops.div(exp_avg_sqs, bias_correction2))
+    ops.add_(denom, eps)
+    return denom
+
+
+def _nadam_denominator_foreach(exp_avg_sqs, bias_correction2_sqrts, eps):
+    """``sqrt(v) / sqrt(1 - beta2**t) + eps`` (torch's multi-tensor form)."""
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrts)
+    torch._foreach_add_(denoms, eps)
+    return denoms
+
+
+# One tensor at a time: ATen's ordinary kernels (torch's for-loop path).
+_PER_TENSOR = SimpleNamespace(
+    neg=torch.neg,
+    abs=torch.abs,
+    sqrt=torch.sqrt,
+    div=torch.div,
+    add=lambda x, y, alpha: x.add(y, alpha=alpha),
+    add_=lambda x, s: x.add_(s),
+    mul_=lambda x, s: x.mul_(s),
+    lerp_=lambda x, y, w: x.lerp_(y, w),
+    maximum_=lambda x, y: torch.maximum(x, y, out=x),
+    addcmul_=lambda x, a, b, value: x.addcmul_(a, b, value=value),
+    addcdiv_=lambda x, a, b, value: x.addcdiv_(a, b, value=value),
+)
+
+# Lists of tensors: torch._foreach_* kernels (torch's multi-tensor path).
+_FOREACH = SimpleNamespace(
+    neg=torch._foreach_neg,
+    abs=torch._foreach_abs,
+    add=lambda x, y, alpha: list(torch._foreach_add(x, y, alpha=alpha)),
+    add_=torch._foreach_add_,
+    mul_=torch._foreach_mul_,
+    lerp_=torch._foreach_lerp_,
+    maximum_=torch._foreach_maximum_,
+    addcmul_=lambda x, a, b, value: torch._foreach_addcmul_(x, a, b, value),
+    addcdiv_=torch._foreach_addcdiv_,
+)
+
+
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``a * b + c`` rounded once, as ATen's vectorised CPU kernels evaluate it."""
+    return torch.ops.prims.fma(a, b, c)
+
+
+def _make_fused_ops(small_lerp_weight: bool) -> SimpleNamespace:
+    """The operations as ``torch.compile`` traces them: pure expressions, in-place by copy.
+
+    Where ATen's vectorised kernels use a fused multiply-add, so do these.
+    """
+
+    def lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
+        # ATen's two formulas (aten/src/ATen/native/Lerp.h), in their vectorised form.
+        if small_lerp_weight:
+            return _fma(weight, end - start, start)
+        return _fma(weight - 1, end - start, end)
+
+    return SimpleNamespace(
+        neg=torch.neg,
+        abs=torch.abs,
+        sqrt=torch.sqrt,
+        div=torch.div,
+        add=lambda x, y, alpha: _fma(y, alpha, x),
+        add_=lambda x, s: x.copy_(x + s),
+        mul_=lambda x, s: x.copy_(x * s),
+        lerp_=lambda x, y, w: x.copy_(lerp(x, y, w)),
+        maximum_=lambda x, y: x.copy_(torch.maximum(x, y)),
+        addcmul_=lambda x, a, b, value: x.copy_(_fma(value * a, b, x)),
+        addcdiv_=lambda x, a, b, value: x.copy_(x + value * a / b),
+    )
+
+
+# By ATen's choice of lerp formula (|weight| < 0.5 or not).
+_FUSED = {small: _make_fused_ops(small) for small in (True, False)}
+
+
+# ---------------------------------------------------------------------------
+# Adamax
+# ---------------------------------------------------------------------------
+
+
+def adamax(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    steps: Sequence[float],
     *,
-    step: int | float,
-    lr: float | Tensor,
+    lr: Scalar,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     maximize: bool,
+    foreach: bool = False,
     compile: bool = False,
 ) -> None:
-    """One Adamax update (Kingma & Ba 2015, section 7.1), in place.
+    """Adamax (Kingma & Ba 2015, section 7.1) on lists of tensors, in place.
 
     Args:
-        param: parameters (any shape; typically one flat shard), updated in place.
-        grad: gradient, same shape and dtype as ``param``; not modified.
-        exp_avg: first moment ``m``, updated in place.
-        exp_inf: exponentially weighted infinity norm ``u``, updated in place.
-        step: the step number after incrementing (1 on the first update).
-        lr: learning rate (float or 1-element tensor, as torch accepts).
-        beta1, beta2, eps, weight_decay, maximize: as in ``torch.optim.Adamax``.
-        compile: run the fused ``torch.compile`` kernel (opt-in).
+        params: parameters, updated in place; ``grads`` are never modified.
+        grads, exp_avgs, exp_infs: the gradient, first moment ``m`` and
+            infinity norm ``u`` of each parameter (same shapes and dtypes).
+        steps: each tensor's step number after incrementing (1 on the first update).
+        lr, beta1, beta2, eps, weight_decay, maximize: as in ``torch.optim.Adamax``.
+        foreach: torch's multi-tensor path (``torch._foreach_*`` kernels).
+        compile: the fused ``torch.compile`` kernel (takes precedence over ``foreach``).
 
     The update::
 
@@ -76,62 +270,103 @@ def adamax_step(
         u = max(beta2 * u, |g| + eps)
         p = p - lr / (1 - beta1**step) * m / u
     """
-    _check_same_layout("adamax_step", param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    tensors = _prepare("adamax", params, grads, exp_avgs, exp_infs, steps=steps)
     lr = _scalar_lr(lr)
-    if torch.is_complex(param):
-        param, grad, exp_avg, exp_inf = _view_as_real(param, grad, exp_avg, exp_inf)
-    if compile and _fused_supported(param):
-        clr = lr / (1 - beta1**step)
-        scalars = _scalar_tensor(param, [-_to_float(clr), 1 - beta1, beta2, eps, weight_decay])
-        kernel = _compiled("adamax", _adamax_fused)
-        kernel(
-            param, grad, exp_avg, exp_inf, scalars,
-            maximize=maximize, weight_decay_on=weight_decay != 0,
-            small_weight=_is_small_lerp_weight(1 - beta1),
-        )  # fmt: skip
-        return
+    options = {"lerp_weight": 1 - beta1, "beta2": beta2, "eps": eps,
+               "weight_decay": weight_decay or None, "maximize": maximize}  # fmt: skip
 
-    # Only the first moment is bias corrected.
-    clr = lr / (1 - beta1**step)
-    for chunk in _cache_sized_chunks(param, grad, exp_avg, exp_inf):
-        _adamax_eager(*chunk, neg_clr=-clr, beta1=beta1, beta2=beta2, eps=eps,
-                      weight_decay=weight_decay, maximize=maximize)  # fmt: skip
+    def scalars(p: Tensor, step: float) -> Tensor:  # the fused kernel's, in param's dtype
+        return _scalar_tensor(p, [adamax_step_size(lr, beta1, step), 1 - beta1, beta2, eps,
+                                  weight_decay])  # fmt: skip
+
+    static = {"maximize": maximize, "weight_decay_on": weight_decay != 0,
+              "small_lerp_weight": _is_small(1 - beta1)}  # fmt: skip
+    if compile and _fused_usable(params):
+        for p, g, m, u, step in zip(*tensors, steps, strict=True):
+            values = scalars(p, step)
+            kernel = _fused_kernel("adamax", _adamax_fused, (p, values), **static)
+            if kernel is not None and p.numel() > 1:  # sizes 0, 1 would specialise the kernel
+                kernel(p, g, m, u, values)
+            else:
+                adamax([p], [g], [m], [u], [step], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, maximize=maximize)  # fmt: skip
+    elif foreach:
+        for (p, g, m, u), group_steps in _by_device_and_dtype(tensors, steps):
+            _adamax_moments(_FOREACH, p, g, m, u, **options)
+            step_sizes = [adamax_step_size(_host(lr), beta1, s) for s in group_steps]
+            torch._foreach_addcdiv_(p, m, u, step_sizes)  # type: ignore[arg-type]
+    else:
+        for *tensor, step in zip(*tensors, steps, strict=True):
+            step_size = adamax_step_size(lr, beta1, step)
+            for p, g, m, u in _cache_sized_chunks(*tensor):
+                _adamax_moments(_PER_TENSOR, p, g, m, u, **options)
+                p.addcdiv_(m, u, value=step_size)  # type: ignore[arg-type]  # tensor lr: as torch
 
 
-def _adamax_eager(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_inf: Tensor,
+def _adamax_fused(
+    param: Tensor,  # (N,) float dtype; updated in place
+    grad: Tensor,  # (N,)
+    exp_avg: Tensor,  # (N,) updated in place
+    exp_inf: Tensor,  # (N,) updated in place
+    scalars: Tensor,  # (5,) [step_size, 1 - beta1, beta2, eps, weight_decay], param dtype
     *,
-    neg_clr: float | Tensor,
+    maximize: bool,
+    weight_decay_on: bool,
+    small_lerp_weight: bool,
+) -> None:
+    step_size, lerp_weight, beta2, eps, weight_decay = scalars.unbind()
+    ops = _FUSED[small_lerp_weight]
+    _adamax_moments(ops, param, grad, exp_avg, exp_inf, lerp_weight=lerp_weight, beta2=beta2,
+                    eps=eps, weight_decay=weight_decay if weight_decay_on else None,
+                    maximize=maximize)  # fmt: skip
+    ops.addcdiv_(param, exp_avg, exp_inf, step_size)
+
+
+def adamax_capturable(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: Scalar,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    # torch's _single_tensor_adamax, operation by operation.
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
-    # Update biased first moment estimate.
-    exp_avg.lerp_(grad, 1 - beta1)
-    # Update the exponentially weighted infinity norm (eps inside the max).
-    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
-    param.addcdiv_(exp_avg, exp_inf, value=neg_clr)  # type: ignore[arg-type]  # tensor lr: as torch
+    """``adamax`` with each step count a tensor on the parameter's device (CUDA graph capture).
+
+    Increments ``state_steps`` in place and reads nothing back to the host;
+    follows ``torch.optim.Adamax(capturable=True)``'s arithmetic.
+    """
+    tensors = _prepare("adamax_capturable", params, grads, exp_avgs, exp_infs)
+    options = {"lerp_weight": 1 - beta1, "beta2": beta2, "eps": eps,
+               "weight_decay": weight_decay or None, "maximize": maximize}  # fmt: skip
+    for p, g, m, u, step_t in zip(*tensors, state_steps, strict=True):
+        step_t += 1
+        _adamax_moments(_PER_TENSOR, p, g, m, u, **options)
+        # -(1 - beta1**t) / lr, so that addcdiv needs no host-side value (torch #121238).
+        neg_bias_correction = beta1**step_t - 1
+        neg_bias_correction.div_(lr)
+        p.addcdiv_(m, u * neg_bias_correction)
 
 
-def nadam_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    mu_product: Tensor,
+# ---------------------------------------------------------------------------
+# Nadam
+# ---------------------------------------------------------------------------
+
+
+def nadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: Sequence[float],
+    steps: Sequence[float],
     *,
-    step: int | float,
-    lr: float | Tensor,
+    lr: Scalar,
     beta1: float,
     beta2: float,
     eps: float,
@@ -139,25 +374,24 @@ def nadam_step(
     momentum_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    foreach: bool = False,
     compile: bool = False,
 ) -> None:
-    """One Nadam update (Dozat 2016), in place, with torch's momentum schedule.
+    """Nadam (Dozat 2016) with torch's momentum schedule, on lists of tensors, in place.
 
     Args:
-        param: parameters (any shape; typically one flat shard), updated in place.
-        grad: gradient, same shape and dtype as ``param``; not modified.
-        exp_avg: first moment ``m``, updated in place.
-        exp_avg_sq: second moment ``v``, updated in place.
-        mu_product: 0-dim tensor, the product ``mu_1 * ... * mu_{step-1}`` on
-            entry (1.0 before the first step); multiplied by ``mu_step`` in place,
-            exactly as ``torch.optim.NAdam`` keeps its ``mu_product`` state.
-        step: the step number after incrementing (1 on the first update).
-        lr: learning rate (float or 1-element tensor, as torch accepts).
-        beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay,
+        params: parameters, updated in place; ``grads`` are never modified.
+        grads, exp_avgs, exp_avg_sqs: the gradient, first moment ``m`` and
+            second moment ``v`` of each parameter (same shapes and dtypes).
+        mu_products: each tensor's ``mu_1 * ... * mu_t`` *including* this step's
+            ``mu_t`` (the caller keeps it as state: see ``advance_mu_product``).
+        steps: each tensor's step number after incrementing (1 on the first update).
+        lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay,
             maximize: as in ``torch.optim.NAdam``.
-        compile: run the fused ``torch.compile`` kernel (opt-in).
+        foreach: torch's multi-tensor path (``torch._foreach_*`` kernels).
+        compile: the fused ``torch.compile`` kernel (takes precedence over ``foreach``).
 
-    The update, with ``mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay))``::
+    The update, with ``mu_t = nadam_momentum(beta1, momentum_decay, t)``::
 
         g = -grad if maximize else grad
         p = p * (1 - lr * weight_decay)        if decoupled_weight_decay
@@ -167,134 +401,94 @@ def nadam_step(
         p = p - lr * (1 - mu_t) / (1 - prod_{i<=t} mu_i) * g / denom
               - lr * mu_{t+1} / (1 - prod_{i<=t+1} mu_i) * m / denom
     """
-    _check_same_layout("nadam_step", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    lr = _scalar_lr(lr)
-    if torch.is_complex(param):
-        param, grad, exp_avg, exp_avg_sq = _view_as_real(param, grad, exp_avg, exp_avg_sq)
-    if mu_product.dim() != 0:
+    tensors = _prepare("nadam", params, grads, exp_avgs, exp_avg_sqs, steps=steps)
+    if len(mu_products) != len(params):
         raise ValueError(
-            f"nadam_step: mu_product must be a 0-dim tensor, got shape {tuple(mu_product.shape)}"
+            f"nadam: got {len(mu_products)} mu_products for {len(params)} parameters"
         )
-    bias_correction2 = 1 - beta2**step
-    # The momentum cache mu_t and mu_{t+1}.
-    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
-    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
-    # In mu_product's own dtype, as torch's in-place product rounds it; stored
-    # only once the update has run.
-    new_mu_product = mu_product * mu
-    mu_product_value = new_mu_product.item()
-    mu_product_next = mu_product_value * mu_next
-    grad_coeff = -lr * (1.0 - mu) / (1.0 - mu_product_value)
-    exp_avg_coeff = (-lr * mu_next) / (1.0 - mu_product_next)
-    decay = 1 - lr * weight_decay
+    lr = _scalar_lr(lr)
+    decoupled = weight_decay != 0 and decoupled_weight_decay
+    l2 = weight_decay != 0 and not decoupled_weight_decay
+    options = {"lerp_weight": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+               "weight_decay": weight_decay if l2 else None,
+               "decay": 1 - lr * weight_decay if decoupled else None,
+               "maximize": maximize}  # fmt: skip
 
-    if compile and _fused_supported(param):
-        scalars = _scalar_tensor(
-            param,
-            [
-                _to_float(grad_coeff), _to_float(exp_avg_coeff), _to_float(decay),
-                bias_correction2, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-            ],
-        )  # fmt: skip
-        kernel = _compiled("nadam", _nadam_fused)
-        kernel(
-            param, grad, exp_avg, exp_avg_sq, scalars,
-            maximize=maximize,
-            weight_decay_mode=_weight_decay_mode(weight_decay, decoupled_weight_decay),
-            small_weight=_is_small_lerp_weight(1 - beta1),
-        )  # fmt: skip
-        mu_product.copy_(new_mu_product)
-        return
+    def step_sizes(step: float, mu_product: float, lr: Scalar = lr) -> tuple[Scalar, Scalar]:
+        mu = nadam_momentum(beta1, momentum_decay, step)
+        return nadam_step_sizes(lr, mu, nadam_momentum(beta1, momentum_decay, step + 1), mu_product)
 
-    for chunk in _cache_sized_chunks(param, grad, exp_avg, exp_avg_sq):
-        _nadam_eager(
-            *chunk, grad_coeff=grad_coeff, exp_avg_coeff=exp_avg_coeff, decay=decay,
-            bias_correction2=bias_correction2, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )  # fmt: skip
-    mu_product.copy_(new_mu_product)
+    def scalars(p: Tensor, step: float, mu_product: float) -> Tensor:
+        return _scalar_tensor(p, [*step_sizes(step, mu_product), 1 - lr * weight_decay,
+                                  1 - beta2**step, 1 - beta1, beta2, 1 - beta2, eps,
+                                  weight_decay])  # fmt: skip
+
+    static = {"maximize": maximize, "decoupled": decoupled, "l2": l2,
+              "small_lerp_weight": _is_small(1 - beta1)}  # fmt: skip
+    if compile and _fused_usable(params):
+        for p, g, m, v, mu_product, step in zip(*tensors, mu_products, steps, strict=True):
+            values = scalars(p, step, mu_product)
+            kernel = _fused_kernel("nadam", _nadam_fused, (p, values), **static)
+            if kernel is not None and p.numel() > 1:  # sizes 0, 1 would specialise the kernel
+                kernel(p, g, m, v, values)
+            else:
+                nadam([p], [g], [m], [v], [mu_product], [step], lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)  # fmt: skip
+    elif foreach:
+        for (p, g, m, v), group_steps, products in _by_device_and_dtype(tensors, steps, mu_products):
+            g = _nadam_moments(_FOREACH, p, g, m, v, **options)
+            denoms = _nadam_denominator_foreach(v, [(1 - beta2**s) ** 0.5 for s in group_steps], eps)
+            sizes = [step_sizes(s, mp, _host(lr)) for s, mp in zip(group_steps, products)]
+            # The Nesterov step: the current gradient's share, then the momentum's.
+            torch._foreach_addcdiv_(p, g, denoms, [float(size[0]) for size in sizes])
+            torch._foreach_addcdiv_(p, m, denoms, [float(size[1]) for size in sizes])
+    else:
+        for *tensor, mu_product, step in zip(*tensors, mu_products, steps, strict=True):
+            grad_size, exp_avg_size = step_sizes(step, mu_product)
+            for p, g, m, v in _cache_sized_chunks(*tensor):
+                g = _nadam_moments(_PER_TENSOR, p, g, m, v, **options)
+                denom = _nadam_denominator(_PER_TENSOR, v, 1 - beta2**step, eps)
+                # The Nesterov step: the current gradient's share, then the momentum's.
+                p.addcdiv_(g, denom, value=grad_size)  # type: ignore[arg-type]
+                p.addcdiv_(m, denom, value=exp_avg_size)  # type: ignore[arg-type]
 
 
-def _nadam_eager(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+def _nadam_fused(
+    param: Tensor,  # (N,) float dtype; updated in place
+    grad: Tensor,  # (N,)
+    exp_avg: Tensor,  # (N,) updated in place
+    exp_avg_sq: Tensor,  # (N,) updated in place
+    scalars: Tensor,  # (9,) see nadam(), param dtype
     *,
-    grad_coeff: float | Tensor,
-    exp_avg_coeff: float | Tensor,
-    decay: float | Tensor,
-    bias_correction2: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
     maximize: bool,
+    decoupled: bool,
+    l2: bool,
+    small_lerp_weight: bool,
 ) -> None:
-    # torch's _single_tensor_nadam (non-capturable), operation by operation.
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            # Decoupled (AdamW-style) weight decay.
-            param.mul_(decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
-    # Decay the first and second moment running averages.
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
-    # The Nesterov step: the current gradient's share, then the momentum's.
-    param.addcdiv_(grad, denom, value=grad_coeff)  # type: ignore[arg-type]
-    param.addcdiv_(exp_avg, denom, value=exp_avg_coeff)  # type: ignore[arg-type]
+    (
+        grad_size, exp_avg_size, decay, bias_correction2,
+        lerp_weight, beta2, one_minus_beta2, eps, weight_decay,
+    ) = scalars.unbind()  # fmt: skip
+    ops = _FUSED[small_lerp_weight]
+    g = _nadam_moments(ops, param, grad, exp_avg, exp_avg_sq, lerp_weight=lerp_weight,
+                       beta2=beta2, one_minus_beta2=one_minus_beta2,
+                       weight_decay=weight_decay if l2 else None,
+                       decay=decay if decoupled else None, maximize=maximize)  # fmt: skip
+    denom = _nadam_denominator(ops, exp_avg_sq, bias_correction2, eps)
+    ops.addcdiv_(param, g, denom, grad_size)
+    ops.addcdiv_(param, exp_avg, denom, exp_avg_size)
 
 
-def adamax_step_capturable(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_inf: Tensor,
-    step_t: Tensor,
+def nadam_capturable(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    """``adamax_step`` with the step count kept on the device (CUDA graph capture).
-
-    ``step_t`` is the 0-dim step tensor on ``param``'s device, incremented in
-    place; no value leaves the device. Follows ``torch.optim.Adamax``'s
-    ``capturable=True`` arithmetic.
-    """
-    step_t += 1
-    if torch.is_complex(param):
-        param, grad, exp_avg, exp_inf = _view_as_real(param, grad, exp_avg, exp_inf)
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
-    # -(1 - beta1**t) / lr, so that addcdiv needs no host-side value (torch #121238).
-    neg_bias_correction = beta1**step_t - 1
-    neg_bias_correction.div_(lr)
-    param.addcdiv_(exp_avg, exp_inf * neg_bias_correction)
-
-
-def nadam_step_capturable(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    mu_product: Tensor,
-    step_t: Tensor,
-    *,
-    lr: float | Tensor,
+    lr: Scalar,
     beta1: float,
     beta2: float,
     eps: float,
@@ -303,31 +497,67 @@ def nadam_step_capturable(
     decoupled_weight_decay: bool,
     maximize: bool,
 ) -> None:
-    """``nadam_step`` with the step count and ``mu_product`` kept on the device.
+    """``nadam`` with the step counts and ``mu_products`` as tensors on the device.
 
-    ``step_t`` is incremented in place. Follows ``torch.optim.NAdam``'s
-    ``capturable=True`` arithmetic.
+    Increments ``state_steps`` and advances ``mu_products`` in place, reading
+    nothing back to the host; follows ``torch.optim.NAdam(capturable=True)``'s
+    arithmetic.
     """
-    step_t += 1
-    if torch.is_complex(param):
-        param, grad, exp_avg, exp_avg_sq = _view_as_real(param, grad, exp_avg, exp_avg_sq)
-    if maximize:
-        grad = -grad
-    bias_correction2 = 1 - beta2**step_t
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
-    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step_t * momentum_decay)))
-    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step_t + 1) * momentum_decay)))
-    mu_product *= mu
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = exp_avg_sq.div(bias_correction2).sqrt().add(eps)
-    mu_product_next = mu_product * mu_next
-    param.addcdiv_(grad * (-lr * (1.0 - mu) / (1.0 - mu_product)), denom)
-    param.addcdiv_(exp_avg * (-lr * mu_next / (1.0 - mu_product_next)), denom)
+    tensors = _prepare("nadam_capturable", params, grads, exp_avgs, exp_avg_sqs)
+    decoupled = weight_decay != 0 and decoupled_weight_decay
+    l2 = weight_decay != 0 and not decoupled_weight_decay
+    for p, g, m, v, mu_product, step_t in zip(*tensors, mu_products, state_steps, strict=True):
+        step_t += 1
+        g = _nadam_moments(_PER_TENSOR, p, g, m, v, lerp_weight=1 - beta1, beta2=beta2,
+                           one_minus_beta2=1 - beta2, weight_decay=weight_decay if l2 else None,
+                           decay=1 - lr * weight_decay if decoupled else None,
+                           maximize=maximize)  # fmt: skip
+        mu = nadam_momentum(beta1, momentum_decay, step_t)
+        mu_next = nadam_momentum(beta1, momentum_decay, step_t + 1)
+        mu_product *= mu
+        denom = _nadam_denominator(_PER_TENSOR, v, 1 - beta2**step_t, eps)
+        grad_size, exp_avg_size = nadam_step_sizes(lr, mu, mu_next, mu_product)  # type: ignore[arg-type]
+        p.addcdiv_(g * grad_size, denom)
+        p.addcdiv_(m * exp_avg_size, denom)
+
+
+# ---------------------------------------------------------------------------
+# One tensor at a time (benchmarks, tests, quick experiments)
+# ---------------------------------------------------------------------------
+
+
+def adamax_step(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_inf: Tensor, *, step: float,
+    compile: bool = False, **options: Any,
+) -> None:  # fmt: skip
+    """``adamax`` on one tensor (``options``: ``lr``, ``beta1``, ``beta2``, ``eps``,
+    ``weight_decay``, ``maximize``)."""
+    _check_same_layout("adamax_step", param, grad=grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    adamax([param], [grad], [exp_avg], [exp_inf], [step], compile=compile, **options)
+
+
+def nadam_step(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mu_product: Tensor, *,
+    step: float, compile: bool = False, **options: Any,
+) -> None:  # fmt: skip
+    """``nadam`` on one tensor; ``mu_product`` is torch's 0-dim state, advanced in place.
+
+    ``options``: ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``,
+    ``momentum_decay``, ``decoupled_weight_decay``, ``maximize``.
+    """
+    if mu_product.dim() != 0:
+        raise ValueError(
+            f"nadam_step: mu_product must be a 0-dim tensor, got shape {tuple(mu_product.shape)}"
+        )
+    _check_same_layout("nadam_step", param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    mu_product *= nadam_momentum(options["beta1"], options["momentum_decay"], step)
+    nadam([param], [grad], [exp_avg], [exp_avg_sq], [mu_product.item()], [step],
+          compile=compile, **options)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The fused kernels: built once per variant, checked before first use
+# ---------------------------------------------------------------------------
 
 
 def compile_available() -> bool:
@@ -335,86 +565,21 @@ def compile_available() -> bool:
     return _compile_probe()
 
 
-# ---------------------------------------------------------------------------
-# Fused kernels (compiled with torch.compile when asked for)
-# ---------------------------------------------------------------------------
+def compile_seconds() -> float:
+    """Seconds this process has spent building and checking fused kernels so far.
+
+    Monotonic; the difference around a call is the compile time it caused.
+    """
+    return _compile_clock.total
 
 
-def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """``a * b + c`` rounded once, as eager CPU kernels evaluate it when vectorised."""
-    return torch.ops.prims.fma(a, b, c)
+class _CompileClock:
+    total = 0.0
 
 
-def _lerp(start: Tensor, end: Tensor, weight: Tensor, *, small_weight: bool) -> Tensor:
-    # ATen's dual formula (aten/src/ATen/native/Lerp.h), in its vectorised form.
-    if small_weight:
-        return _fma(weight, end - start, start)
-    return _fma(weight - 1, end - start, end)
-
-
-def _adamax_fused(
-    param: Tensor,  # (N,) float dtype; updated in place
-    grad: Tensor,  # (N,)
-    exp_avg: Tensor,  # (N,) updated in place
-    exp_inf: Tensor,  # (N,) updated in place
-    scalars: Tensor,  # (5,) [-lr/bc1, 1-beta1, beta2, eps, weight_decay], param dtype
-    *,
-    maximize: bool,
-    weight_decay_on: bool,
-    small_weight: bool,
-) -> None:
-    neg_clr, one_minus_beta1, beta2, eps, weight_decay = scalars.unbind()
-    g = -grad if maximize else grad
-    if weight_decay_on:
-        g = _fma(param, weight_decay, g)
-    m = _lerp(exp_avg, g, one_minus_beta1, small_weight=small_weight)
-    u = torch.maximum(exp_inf * beta2, g.abs() + eps)
-    param.copy_(param + (neg_clr * m) / u)
-    exp_avg.copy_(m)
-    exp_inf.copy_(u)
-
-
-_DECAY_NONE, _DECAY_L2, _DECAY_DECOUPLED = 0, 1, 2
-
-
-def _weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
-    if weight_decay == 0:
-        return _DECAY_NONE
-    return _DECAY_DECOUPLED if decoupled else _DECAY_L2
-
-
-def _nadam_fused(
-    param: Tensor,  # (N,) float dtype; updated in place
-    grad: Tensor,  # (N,)
-    exp_avg: Tensor,  # (N,) updated in place
-    exp_avg_sq: Tensor,  # (N,) updated in place
-    scalars: Tensor,  # (9,) see nadam_step, param dtype
-    *,
-    maximize: bool,
-    weight_decay_mode: int,
-    small_weight: bool,
-) -> None:
-    (
-        grad_coeff, exp_avg_coeff, decay, bias_correction2,
-        one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-    ) = scalars.unbind()  # fmt: skip
-    g = -grad if maximize else grad
-    p = param
-    if weight_decay_mode == _DECAY_DECOUPLED:
-        p = p * decay
-    elif weight_decay_mode == _DECAY_L2:
-        g = _fma(p, weight_decay, g)
-    m = _lerp(exp_avg, g, one_minus_beta1, small_weight=small_weight)
-    v = _fma(one_minus_beta2 * g, g, exp_avg_sq * beta2)
-    denom = torch.sqrt(v / bias_correction2) + eps
-    p = p + (grad_coeff * g) / denom
-    p = p + (exp_avg_coeff * m) / denom
-    param.copy_(p)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-
-
-_compiled_lock = threading.Lock()
+_compile_clock = _CompileClock()
+_kernels: dict[tuple[Any, ...], Callable[..., None]] = {}
+_kernels_lock = threading.Lock()
 
 
 @functools.cache
@@ -427,23 +592,71 @@ def _compile_probe() -> bool:
         return False
 
 
-_compiled_kernels: dict[str, Callable[..., None]] = {}
+def _fused_usable(params: list[Tensor]) -> bool:
+    # Autograd-tracked tensors, or no working compiler: the eager path.
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return False
+    return _compile_probe()
 
 
-def _compiled(name: str, fn: Callable[..., None]) -> Callable[..., None]:
-    """The compiled ``fn``, built once per process (eager if compile is unavailable)."""
-    kernel = _compiled_kernels.get(name)
-    if kernel is None:
-        with _compiled_lock:
-            kernel = _compiled_kernels.get(name)
-            if kernel is None:
-                # Registers torch.ops.prims.fma, which the fused kernels use.
-                from torch._inductor import inductor_prims  # noqa: F401
+def _fused_kernel(
+    name: str, fn: Callable[..., None], sample: tuple[Tensor, Tensor], **static: bool
+) -> Callable[..., None] | None:
+    """The compiled ``fn`` for these static options, or None where it must not be used.
 
-                kernel = torch.compile(fn, fullgraph=True)
-                _compiled_kernels[name] = kernel
-    return kernel
+    Built once per process with dynamic shapes (one kernel for every length).
+    Before its first use on a (dtype, device) it runs beside the same function
+    evaluated eagerly on random data with ``sample``'s scalars: a toolchain
+    that builds a wrong kernel is reported, and the eager path runs instead.
+    """
+    key = (name, *sorted(static.items()))
+    with _kernels_lock:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            # Registers torch.ops.prims.fma, which the fused kernels use.
+            from torch._inductor import inductor_prims  # noqa: F401
 
+            kernel = torch.compile(functools.partial(fn, **static), fullgraph=True, dynamic=True)
+            _kernels[key] = kernel
+        like, scalars = sample
+        where = (key, like.dtype, like.device)
+        if where not in _checked:
+            start = time.perf_counter()
+            _checked[where] = _agrees(name, kernel, functools.partial(fn, **static), like, scalars)
+            _compile_clock.total += time.perf_counter() - start
+    return kernel if _checked[where] else None
+
+
+_checked: dict[tuple[Any, ...], bool] = {}
+
+
+def _agrees(name: str, compiled: Callable[..., None], eager: Callable[..., None],
+            like: Tensor, scalars: Tensor) -> bool:  # fmt: skip
+    """Compiled and eager evaluations of one fused function agree on a random sample."""
+    results = []
+    for kernel in (compiled, eager):
+        gen = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(4099, generator=gen, dtype=torch.float64) for _ in range(4)]
+        tensors[3] = tensors[3].abs() + 0.5  # a second moment / infinity norm is positive
+        tensors = [t.to(dtype=like.dtype, device=like.device) for t in tensors]
+        kernel(*tensors, scalars)
+        results.append(tensors)
+    for c, e in zip(*results):
+        if not torch.allclose(c, e, rtol=1e-4, atol=1e-6):
+            _log.error(
+                "torch.compile built a %s kernel that disagrees with the eager step (max "
+                "error %.3g, %s on %s); the fused step is off in this process and the eager "
+                "path runs. A stale inductor cache (TORCHINDUCTOR_CACHE_DIR) shared across "
+                "CPUs or ATEN_CPU_CAPABILITY settings is a known cause.",
+                name, float((c.double() - e.double()).abs().max()), like.dtype, like.device,
+            )  # fmt: skip
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
 
 # Elements per piece of the eager CPU step: the operands and temporaries of one
 # piece (~7 x 256 KiB in fp32) stay in L2 across the step's ~8 passes.
@@ -470,40 +683,35 @@ def _cache_sized_chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
         yield tuple(f[start : start + _EAGER_CHUNK] for f in flat)
 
 
-def _fused_supported(param: Tensor) -> bool:
-    # Autograd-tracked tensors, or no working compiler: the eager path.
-    if param.requires_grad and torch.is_grad_enabled():
-        return False
-    return _compile_probe()
+def _by_device_and_dtype(
+    tensors: tuple[list[Tensor], ...], *per_tensor: Sequence[float]
+) -> Iterator[tuple[Any, ...]]:
+    """torch's grouping for the foreach path, with each group's per-tensor numbers."""
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        list(tensors), with_indices=True  # type: ignore[arg-type]
+    )
+    for lists, indices in grouped.values():
+        yield (lists, *([values[i] for i in indices] for values in per_tensor))
 
 
-def _is_small_lerp_weight(weight: float) -> bool:
-    return abs(weight) < 0.5
-
-
-def _view_as_real(*tensors: Tensor) -> tuple[Tensor, ...]:
-    # Complex tensors update as pairs of reals, as torch.optim does.
-    return tuple(torch.view_as_real(t) for t in tensors)
-
-
-def _scalar_tensor(param: Tensor, values: list[float]) -> Tensor:
-    # In param's dtype: eager casts its python-scalar operands the same way.
-    return torch.tensor(values, dtype=param.dtype).to(param.device, non_blocking=True)
-
-
-def _scalar_lr(lr: float | Tensor) -> float | Tensor:
-    # A 1-element tensor lr (as a param group may hold) becomes 0-dim, as torch does.
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}"
-            )
-        return lr.reshape(())
-    return lr
-
-
-def _to_float(value: float | Tensor) -> float:
-    return value.item() if isinstance(value, Tensor) else float(value)
+def _prepare(fn: str, params: list[Tensor], *others: list[Tensor],
+             steps: Sequence[float] | None = None) -> tuple[list[Tensor], ...]:  # fmt: skip
+    """Check the lists line up; complex tensors become real views, as torch.optim does."""
+    second = "exp_infs" if fn.startswith("adamax") else "exp_avg_sqs"
+    names = ("grads", "exp_avgs", second)
+    for name, tensors in zip(names, others):
+        if len(tensors) != len(params):
+            raise ValueError(f"{fn}: got {len(tensors)} {name} for {len(params)} parameters")
+    if steps is not None and len(steps) != len(params):
+        raise ValueError(f"{fn}: got {len(steps)} steps for {len(params)} parameters")
+    for i, p in enumerate(params):
+        _check_same_layout(fn, p, **{f"{name}[{i}]": t[i] for name, t in zip(names, others)})
+    lists = (list(params), *(list(t) for t in others))
+    for tensors in lists:
+        for i, t in enumerate(tensors):
+            if torch.is_complex(t):
+                tensors[i] = torch.view_as_real(t)
+    return lists
 
 
 def _check_same_layout(fn: str, param: Tensor, **others: Tensor) -> None:
@@ -517,3 +725,28 @@ def _check_same_layout(fn: str, param: Tensor, **others: Tensor) -> None:
             raise ValueError(
                 f"{fn}: {name} must have the dtype of param ({param.dtype}), got {tensor.dtype}"
             )
+
+
+def _is_small(weight: float) -> bool:
+    return abs(weight) < 0.5
+
+
+def _scalar_tensor(param: Tensor, values: list[Scalar]) -> Tensor:
+    # In param's dtype: eager casts its python-scalar operands the same way.
+    floats = [v.item() if isinstance(v, Tensor) else float(v) for v in values]
+    return torch.tensor(floats, dtype=param.dtype).to(param.device, non_blocking=True)
+
+
+def _scalar_lr(lr: Scalar) -> Scalar:
+    # A 1-element tensor lr (as a param group may hold) becomes 0-dim, as torch does.
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}"
+            )
+        return lr.reshape(())
+    return lr
+
+
+def _host(value: Scalar) -> float:
+    return value.item() if isinstance(value, Tensor) else value

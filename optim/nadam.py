@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
-from optim import _common
-from optim.functional import nadam_step, nadam_step_capturable
+from optim import _common, functional
 
 __all__ = ["Nadam"]
 
 
-class Nadam(Optimizer):
+class Nadam(_common.TwinOptimizer):
     r"""Nadam: Adam with Nesterov momentum (Dozat 2016), with PyTorch's momentum schedule.
 
     For every parameter ``theta`` with gradient ``g_t`` at step ``t``, with
@@ -79,6 +77,11 @@ class Nadam(Optimizer):
     https://arxiv.org/abs/1711.05101 .
     """
 
+    torch_name = "NAdam"
+    moment_keys = ("exp_avg", "exp_avg_sq")
+    scalar_states = {"step": 0.0, "mu_product": 1.0}
+    late_options = {"decoupled_weight_decay": False}
+
     def __init__(
         self,
         params: ParamsT,
@@ -94,170 +97,28 @@ class Nadam(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        _common.validate_hyperparameters(lr, betas, eps, weight_decay)
         if not momentum_decay >= 0.0:
             raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
-        _common.reject_differentiable("Nadam", differentiable)
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "momentum_decay": momentum_decay,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        }
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "momentum_decay": momentum_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize,
+                    "foreach": foreach, "capturable": capturable,
+                    "differentiable": differentiable}  # fmt: skip
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if p_state:
-                    _common.upgrade_scalar_state(p_state, "step", p, group["capturable"])
-                    _common.upgrade_scalar_state(p_state, "mu_product", p, group["capturable"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group; rejects ``differentiable=True`` like the constructor."""
-        _common.reject_differentiable("Nadam", param_group.get("differentiable", False))
-        super().add_param_group(param_group)
-
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, mu_products, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("NAdam does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                # step and mu_product live on the CPU unless capturable (torch's layout).
-                state["step"] = _common.zero_step(p, group["capturable"])
-                state["mu_product"] = _common.scalar_state(1.0, p, group["capturable"])
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            mu_products.append(state["mu_product"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, mu_products, steps
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step.
-
-        Args:
-            closure: reevaluates the model and returns the loss (optional).
-        """
-        self._accelerator_graph_capture_health_check()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, mu_products, steps = self._init_group(group)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            options = {
-                "lr": _common.to_scalar(group["lr"]),
-                "beta1": beta1,
-                "beta2": beta2,
-                "eps": group["eps"],
-                "weight_decay": group["weight_decay"],
-                "momentum_decay": group["momentum_decay"],
-                "decoupled_weight_decay": group["decoupled_weight_decay"],
-                "maximize": group["maximize"],
-            }
-            tensors = zip(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps)
-            if group["capturable"]:
-                _common.check_capturable_devices(params, mu_products, steps)
-                for p, g, m, v, mu_product, step_t in tensors:
-                    nadam_step_capturable(p, g, m, v, mu_product, step_t, **options)
-            elif _common.use_foreach(group["foreach"], params):
-                _foreach_nadam(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, **options)
-            else:
-                for p, g, m, v, mu_product, step_t in tensors:
-                    step_t += 1
-                    nadam_step(p, g, m, v, mu_product, step=step_t.item(), **options)
-        return loss
-
-
-def _foreach_nadam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    mu_products: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    momentum_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-) -> None:
-    """The multi-tensor Nadam step: one ``torch._foreach_*`` kernel per operation.
-
-    Evaluated as torch's multi-tensor NAdam does, so it matches
-    ``torch.optim.NAdam(foreach=True)`` bit for bit: the denominator is
-    ``sqrt(v) / sqrt(1 - beta2**t) + eps`` here (one sqrt per tensor for the
-    bias correction), ``sqrt(v / (1 - beta2**t)) + eps`` in the per-tensor path;
-    the two agree to rounding.
-    """
-    lr_value = _common.host_value(lr)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, mu_products, steps]  # type: ignore[list-item]
-    )
-    for tensor_lists, _ in grouped.values():
-        g_params, g_grads, g_exp_avgs, g_exp_avg_sqs, g_mu_products, g_steps = cast(
-            tuple[list[Tensor], ...], tensor_lists
-        )
-        _common.complex_as_real(g_params, g_grads, g_exp_avgs, g_exp_avg_sqs)
-        if maximize:
-            g_grads = list(torch._foreach_neg(g_grads))
-        _common.increment_steps(g_steps)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(g_params, 1 - lr * weight_decay)  # type: ignore[arg-type]
-            elif maximize:  # g_grads is already a private copy
-                torch._foreach_add_(g_grads, g_params, alpha=weight_decay)
-            else:
-                g_grads = list(torch._foreach_add(g_grads, g_params, alpha=weight_decay))
-        # Decay the first and second moment running averages.
-        torch._foreach_lerp_(g_exp_avgs, g_grads, 1 - beta1)
-        torch._foreach_mul_(g_exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(g_exp_avg_sqs, g_grads, g_grads, 1 - beta2)
-        denoms = torch._foreach_sqrt(g_exp_avg_sqs)
-
-        step_values = [s.item() for s in g_steps]
-        bias_correction_sqrt = [(1 - beta2**t) ** 0.5 for t in step_values]
-        mus = [beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay))) for t in step_values]
-        mu_nexts = [beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay))) for t in step_values]
-        torch._foreach_mul_(g_mu_products, mus)
-        torch._foreach_div_(denoms, bias_correction_sqrt)
-        torch._foreach_add_(denoms, eps)
-
-        products = [mp.item() for mp in g_mu_products]
-        grad_sizes = [-(lr_value * (1.0 - mu) / (1.0 - mp)) for mp, mu in zip(products, mus)]
-        exp_avg_sizes = [
-            -(lr_value * mu_next / (1.0 - mp * mu_next)) for mp, mu_next in zip(products, mu_nexts)
-        ]
-        # The Nesterov step: the current gradient's share, then the momentum's.
-        torch._foreach_addcdiv_(g_params, g_grads, denoms, grad_sizes)
-        torch._foreach_addcdiv_(g_params, g_exp_avgs, denoms, exp_avg_sizes)
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: dict[str, list[Tensor]]) -> None:  # fmt: skip
+        steps, mu_products = states["step"], states["mu_product"]
+        moments = (states["exp_avg"], states["exp_avg_sq"])
+        options = self._options(group, "momentum_decay", "decoupled_weight_decay")
+        if group["capturable"]:
+            _common.check_capturable_devices(params, mu_products, steps)
+            functional.nadam_capturable(params, grads, *moments, mu_products, steps, **options)
+            return
+        step_values = _common.increment_steps(steps)
+        # mu_product is state, advanced with the betas in force at each step.
+        mus = [functional.nadam_momentum(options["beta1"], group["momentum_decay"], t)
+               for t in step_values]  # fmt: skip
+        torch._foreach_mul_(mu_products, mus)
+        functional.nadam(params, grads, *moments, [mp.item() for mp in mu_products], step_values,
+                         foreach=_common.use_foreach(group["foreach"], params), **options)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Which update rule an ``optimizer_class`` stands for, and how to run it on a shard."""
+"""Which update rule an ``optimizer_class`` stands for, and how to run it on shard runs."""
 
 from __future__ import annotations
 
@@ -8,44 +8,44 @@ from typing import Any
 import torch
 
 from optim import functional
+from optim.adamax import Adamax
+from optim.nadam import Nadam
 
 __all__ = ["Algorithm", "resolve_algorithm"]
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """An update rule: its name and the names of its per-element state tensors."""
+    """An update rule: its name and the torch state-dict keys of its two moment tensors."""
 
     name: str  # "adamax" | "nadam"
-    state_names: tuple[str, str]  # torch state-dict keys of the two moment tensors
+    state_names: tuple[str, str]
 
-    def step(
+    def update(
         self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        states: tuple[torch.Tensor, torch.Tensor],
-        mu_product: torch.Tensor | None,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        firsts: list[torch.Tensor],
+        seconds: list[torch.Tensor],
         *,
-        step: int,
+        steps: list[int],
+        mu_products: list[float],
         group: dict[str, Any],
+        foreach: bool,
         compile: bool,
     ) -> None:
-        """Apply one update to a flat run of elements that share ``group`` and ``step``."""
+        """One update of flat runs that share ``group``; ``steps``/``mu_products`` per run."""
         beta1, beta2 = group["betas"]
+        options = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                   "weight_decay": group["weight_decay"], "maximize": group["maximize"],
+                   "foreach": foreach, "compile": compile}  # fmt: skip
         if self.name == "adamax":
-            functional.adamax_step(
-                param, grad, states[0], states[1],
-                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], maximize=group["maximize"], compile=compile,
-            )  # fmt: skip
+            functional.adamax(params, grads, firsts, seconds, steps, **options)
         else:
-            assert mu_product is not None
-            functional.nadam_step(
-                param, grad, states[0], states[1], mu_product,
-                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], momentum_decay=group["momentum_decay"],
+            functional.nadam(
+                params, grads, firsts, seconds, mu_products, steps, **options,
+                momentum_decay=group["momentum_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], compile=compile,
             )  # fmt: skip
 
 
@@ -61,15 +61,9 @@ def resolve_algorithm(optimizer_class: object) -> Algorithm:
     candidates: dict[object, Algorithm] = {
         torch.optim.Adamax: ADAMAX,
         torch.optim.NAdam: NADAM,
+        Adamax: ADAMAX,
+        Nadam: NADAM,
     }
-    try:  # the drop-in classes (imported lazily: optim/__init__ imports this package)
-        from optim.adamax import Adamax
-        from optim.nadam import Nadam
-    except ImportError:
-        pass
-    else:
-        candidates[Adamax] = ADAMAX
-        candidates[Nadam] = NADAM
     if optimizer_class in candidates:
         return candidates[optimizer_class]
     raise TypeError(

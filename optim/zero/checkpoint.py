@@ -18,22 +18,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from optim.zero.zero_optimizer import ZeroOptimizer
+from optim.zero.shard import ShardedState
 
-__all__ = [
-    "CheckpointError",
-    "consolidated_state_dict",
-    "load",
-    "load_consolidated_state_dict",
-    "save",
-]
+__all__ = ["CheckpointError", "load", "restore_hyperparams", "save", "saved_hyperparams"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: adds each parameter's Nadam ``mu_product`` (carried state, never recomputed)."""
 MANIFEST = "manifest.json"
 
 
@@ -91,9 +85,12 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}): the manifest is corrupted") from None
+    if manifest.get("format") == 1 and manifest.get("algorithm") == "adamax":
+        return manifest  # Adamax's state did not change from format 1
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format {manifest.get('format')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format {manifest.get('format')!r} is not supported (expected "
+            f"{FORMAT_VERSION}; a format 1 Nadam checkpoint lacks its mu_product state)"
         )
     return manifest
 
@@ -101,7 +98,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 # --------------------------------------------------------------- metadata
 
 
-def _hyperparams(group: dict[str, Any]) -> dict[str, Any]:
+def saved_hyperparams(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's hyperparameters as JSON values (tensors as numbers, tuples as lists)."""
     out: dict[str, Any] = {}
     for key, value in group.items():
         if key == "params":
@@ -114,9 +112,10 @@ def _hyperparams(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _restore_hyperparams(opt: ZeroOptimizer, groups: list[dict[str, Any]]) -> None:
-    for group, saved in zip(opt.param_groups, groups, strict=True):
-        for key, value in saved.items():
+def restore_hyperparams(groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+    """Set each group's hyperparameters from ``saved`` (keys the group does not have are ignored)."""
+    for group, values in zip(groups, saved, strict=True):
+        for key, value in values.items():
             if key == "params" or key not in group:
                 continue
             current = group[key]
@@ -126,27 +125,22 @@ def _restore_hyperparams(opt: ZeroOptimizer, groups: list[dict[str, Any]]) -> No
                 group[key] = tuple(value)
             else:
                 group[key] = value
-    opt._mu_chains = [[] for _ in opt.param_groups]
 
 
-def _shapes(opt: ZeroOptimizer) -> list[list[int]]:
-    """Shapes of the trainable parameters in logical order."""
-    slots = sorted(opt.layout.slots, key=lambda s: s.logical_start)
-    return [list(s.shape) for s in slots]
-
-
-def _steps_by_logical(opt: ZeroOptimizer) -> list[int]:
-    order = sorted(range(len(opt.layout.slots)), key=lambda i: opt.layout.slots[i].logical_start)
-    return [opt._steps[i] for i in order]
+def _logical_order(shard: ShardedState) -> list[int]:
+    """Slot ids in logical (world-size independent) order."""
+    slots = shard.layout.slots
+    return sorted(range(len(slots)), key=lambda i: slots[i].logical_start)
 
 
 # ---------------------------------------------------------------- save/load
 
 
-def save(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
+def save(shard: ShardedState, groups: list[dict[str, Any]], skipped_steps: int,
+         directory: str | os.PathLike[str]) -> None:  # fmt: skip
     """Collective: every rank writes its shard; rank 0 writes the manifest last."""
     root = Path(directory)
-    comm = opt.comm
+    comm = shard.comm
     error = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -154,17 +148,15 @@ def save(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
             (root / MANIFEST).unlink(missing_ok=True)  # the old checkpoint stops being valid
     except OSError as e:
         error = f"rank {comm.rank}: cannot prepare {root}: {e}"
-    _raise_if_any(opt, error)
+    _raise_if_any(comm, error)
 
-    runs = opt.layout.logical_runs(comm.rank)
-    names = opt.algorithm.state_names
+    runs = shard.layout.logical_runs(comm.rank)
     payload: dict[str, Any] = {"runs": [[lo, hi] for _, _, lo, hi in runs]}
-    for k, name in enumerate(names):
-        payload[name] = [
-            opt._state[b][k][s : s + hi - lo].to("cpu", copy=True) for b, s, lo, hi in runs
-        ]
+    for k, name in enumerate(shard.algorithm.state_names):
+        payload[name] = [shard.state[b][k][s : s + hi - lo].to("cpu", copy=True)
+                         for b, s, lo, hi in runs]  # fmt: skip
     payload["master"] = [
-        None if opt._master[b] is None else opt._master[b][s : s + hi - lo].to("cpu", copy=True)
+        None if (m := shard.master[b]) is None else m[s : s + hi - lo].to("cpu", copy=True)
         for b, s, lo, hi in runs
     ]
     buffer = io.BytesIO()
@@ -176,25 +168,25 @@ def save(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
         error = None
     except OSError as e:
         error = f"rank {comm.rank}: cannot write {root / name}: {e}"
-    _raise_if_any(opt, error)
+    _raise_if_any(comm, error)
 
-    entry = {
-        "name": name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "runs": payload["runs"],
-    }
+    entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+             "runs": payload["runs"]}  # fmt: skip
     files = comm.all_gather_object(entry)
     if comm.rank == 0:
+        order = _logical_order(shard)
         manifest = {
             "format": FORMAT_VERSION,
-            "algorithm": opt.algorithm.name,
+            "algorithm": shard.algorithm.name,
             "world_size": comm.world_size,
-            "logical_numel": opt.layout.logical_numel,
-            "shapes": _shapes(opt),
-            "steps": _steps_by_logical(opt),
-            "skipped_steps": opt.skipped_steps,
-            "param_groups": [_hyperparams(g) for g in opt.param_groups],
+            "logical_numel": shard.layout.logical_numel,
+            "shapes": [list(shard.layout.slots[i].shape) for i in order],
+            "steps": [shard.steps[i] for i in order],
+            # Exact: repr of a float (a float32 value is a float64 value) round-trips.
+            "mu_products": [shard.mu_products[i] for i in order],
+            "mu_dtype": str(shard.mu_dtype).removeprefix("torch."),
+            "skipped_steps": skipped_steps,
+            "param_groups": [saved_hyperparams(g) for g in groups],
             "files": files,
         }
         try:
@@ -202,12 +194,12 @@ def save(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
             error = None
         except OSError as e:
             error = f"rank 0: cannot write {root / MANIFEST}: {e}"
-    _raise_if_any(opt, error)
+    _raise_if_any(comm, error)
 
 
-def _raise_if_any(opt: ZeroOptimizer, error: str | None) -> None:
+def _raise_if_any(comm: Any, error: str | None) -> None:
     """Make a failure on one rank a failure on every rank (so no rank hangs)."""
-    errors = [e for e in opt.comm.all_gather_object(error) if e]
+    errors = [e for e in comm.all_gather_object(error) if e]
     if errors:
         raise CheckpointError("; ".join(str(e) for e in errors))
 
@@ -234,55 +226,63 @@ def _copy_ranges(
             raise CheckpointError(f"checkpoint does not cover elements [{lo}, {hi}) of {what}")
 
 
-def load(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
-    """Collective: load a checkpoint saved at any world size; all or nothing."""
+def load(shard: ShardedState, groups: list[dict[str, Any]],
+         directory: str | os.PathLike[str]) -> int:  # fmt: skip
+    """Collective: load a checkpoint saved at any world size; all or nothing.
+
+    Returns the saved count of skipped steps.
+    """
     root = Path(directory)
     error = None
     result = None
     try:
-        result = _load_local(opt, root)
+        result = _load_local(shard, groups, root)
     except CheckpointError as e:
-        error = f"rank {opt.comm.rank}: {e}"
-    _raise_if_any(opt, error)
+        error = f"rank {shard.comm.rank}: {e}"
+    _raise_if_any(shard.comm, error)
     assert result is not None
     states, masters, manifest = result
     # Everything read and verified: commit.
-    for b, pair in enumerate(states):
+    for pair, loaded in zip(shard.state, states, strict=True):
         for k in range(2):
-            opt._state[b][k].copy_(pair[k])
-    order = sorted(range(len(opt.layout.slots)), key=lambda i: opt.layout.slots[i].logical_start)
-    for slot_id, step in zip(order, manifest["steps"], strict=True):
-        opt._steps[slot_id] = int(step)
-    opt._skipped_steps = int(manifest["skipped_steps"])
-    _restore_hyperparams(opt, manifest["param_groups"])
-    opt.refresh_master()
-    for b, master in enumerate(masters):
-        if master is not None and opt._master[b] is not None:
-            opt._master[b].copy_(master)
+            pair[k].copy_(loaded[k])
+    order = _logical_order(shard)
+    mu_products = manifest.get("mu_products", [1.0] * len(order))
+    for slot_id, step, mu_product in zip(order, manifest["steps"], mu_products, strict=True):
+        shard.steps[slot_id] = int(step)
+        shard.mu_products[slot_id] = float(mu_product)
+    shard.mu_dtype = getattr(torch, manifest.get("mu_dtype", "float32"))
+    restore_hyperparams(groups, manifest["param_groups"])
+    shard.refresh_master()
+    for current, loaded_master in zip(shard.master, masters, strict=True):
+        if loaded_master is not None and current is not None:
+            current.copy_(loaded_master)
+    return int(manifest["skipped_steps"])
 
 
-def _load_local(opt: ZeroOptimizer, root: Path):
+def _load_local(shard: ShardedState, groups: list[dict[str, Any]], root: Path):
     manifest = _read_manifest(root)
-    if manifest["algorithm"] != opt.algorithm.name:
+    algorithm = shard.algorithm
+    if manifest["algorithm"] != algorithm.name:
         raise CheckpointError(
-            f"{root}: saved by a {manifest['algorithm']} optimizer, this one is {opt.algorithm.name}"
+            f"{root}: saved by a {manifest['algorithm']} optimizer, this one is {algorithm.name}"
         )
-    if manifest["shapes"] != _shapes(opt) or len(manifest["param_groups"]) != len(opt.param_groups):
+    shapes = [list(shard.layout.slots[i].shape) for i in _logical_order(shard)]
+    if manifest["shapes"] != shapes or len(manifest["param_groups"]) != len(groups):
         raise CheckpointError(
             f"{root}: saved for trainable parameter shapes {manifest['shapes']} in "
-            f"{len(manifest['param_groups'])} group(s); this optimizer has {_shapes(opt)} in "
-            f"{len(opt.param_groups)}"
+            f"{len(manifest['param_groups'])} group(s); this optimizer has {shapes} in "
+            f"{len(groups)}"
         )
-    mine = opt.layout.logical_runs(opt.comm.rank)
-    states = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in opt._state]
-    masters = [None if m is None else torch.zeros_like(m) for m in opt._master]
+    mine = shard.layout.logical_runs(shard.comm.rank)
+    states = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in shard.state]
+    masters = [None if m is None else torch.zeros_like(m) for m in shard.master]
     need_master = any(m is not None for m in masters)
-    names = opt.algorithm.state_names
+    names = algorithm.state_names
     sources: dict[str, list[tuple[int, int, torch.Tensor]]] = {n: [] for n in (*names, "master")}
     my_ranges = sorted((lo, hi) for _, _, lo, hi in mine)
     for entry in manifest["files"]:
-        runs = entry["runs"]
-        if not any(_overlaps(lo, hi, my_ranges) for lo, hi in runs):
+        if not any(_overlaps(lo, hi, my_ranges) for lo, hi in entry["runs"]):
             continue
         data = _read_verified(root / entry["name"], entry["sha256"], entry["bytes"])
         try:
@@ -297,9 +297,8 @@ def _load_local(opt: ZeroOptimizer, root: Path):
         targets = [(lo, hi, states[b][k][s : s + hi - lo]) for b, s, lo, hi in mine]
         _copy_ranges(targets, sources[name], name)
     if need_master and sources["master"]:
-        targets = [
-            (lo, hi, masters[b][s : s + hi - lo]) for b, s, lo, hi in mine if masters[b] is not None
-        ]
+        targets = [(lo, hi, m[s : s + hi - lo]) for b, s, lo, hi in mine
+                   if (m := masters[b]) is not None]  # fmt: skip
         _copy_ranges(targets, sources["master"], "the fp32 master parameters")
     else:
         masters = [None] * len(masters)  # fall back to the current parameters
@@ -308,107 +307,3 @@ def _load_local(opt: ZeroOptimizer, root: Path):
 
 def _overlaps(lo: int, hi: int, ranges: list[tuple[int, int]]) -> bool:
     return any(r_lo < hi and lo < r_hi for r_lo, r_hi in ranges)
-
-
-# ------------------------------------------------------ torch.optim format
-
-
-def _full_state(opt: ZeroOptimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every flat buffer's full state, all-gathered bucket by bucket (collective)."""
-    full = []
-    handles = []
-    for b, buf in enumerate(opt.layout.buffers):
-        pair = tuple(torch.zeros(buf.numel, dtype=s.dtype, device=s.device) for s in opt._state[b])
-        for bucket_id in buf.buckets:
-            bucket = opt.layout.buckets[bucket_id]
-            lo, hi = opt._pieces[bucket_id]
-            for k in range(2):
-                pair[k][lo:hi].copy_(opt._state_pieces(bucket)[k])
-                handles.append(opt.comm.gather_bucket(pair[k][bucket.start : bucket.end], pair[k][lo:hi]))
-        full.append(pair)
-    for h in handles:
-        h.wait()
-    return full
-
-
-def consolidated_state_dict(opt: ZeroOptimizer) -> dict[str, Any]:
-    """A ``torch.optim.Adamax`` / ``NAdam`` state dict on every rank (collective)."""
-    full = _full_state(opt)
-    names = opt.algorithm.state_names
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for s, slot in enumerate(opt.layout.slots):
-        step = opt._steps[s]
-        if step == 0:
-            continue  # torch creates state lazily, on a parameter's first update
-        entry: dict[str, torch.Tensor] = {"step": torch.tensor(float(step))}
-        if opt.algorithm.name == "nadam":
-            entry["mu_product"] = opt._mu_product(slot.group, step).clone()
-        for k, name in enumerate(names):
-            flat = full[slot.buffer][k][slot.start : slot.start + slot.numel]
-            entry[name] = flat.view(slot.shape).clone()
-        state[slot.index] = entry
-    groups = []
-    index = 0
-    for group in opt.param_groups:
-        saved = {k: v for k, v in group.items() if k != "params"}
-        saved["params"] = list(range(index, index + len(group["params"])))
-        index += len(group["params"])
-        groups.append(saved)
-    return {"state": dict(sorted(state.items())), "param_groups": groups}
-
-
-def load_consolidated_state_dict(opt: ZeroOptimizer, state_dict: dict[str, Any]) -> None:
-    """Load a ``torch.optim`` state dict: each rank copies its shard (not collective)."""
-    for key in ("state", "param_groups"):
-        if key not in state_dict:
-            raise ValueError(f"state_dict: missing key {key!r} (expected a torch.optim state dict)")
-    groups = state_dict["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(
-            f"state_dict.param_groups: has {len(groups)} group(s), this optimizer has "
-            f"{len(opt.param_groups)}"
-        )
-    for i, (saved, group) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(
-                f"state_dict.param_groups[{i}].params: has {len(saved['params'])} parameters, "
-                f"this optimizer's group has {len(group['params'])}"
-            )
-    # Map torch's indices (the saved groups' order) to ours: same order, group by group.
-    saved_index = [idx for g in groups for idx in g["params"]]
-    names = opt.algorithm.state_names
-    new_states = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in opt._state]
-    new_steps = list(opt._steps)
-    for s, slot in enumerate(opt.layout.slots):
-        entry = state_dict["state"].get(saved_index[slot.index])
-        if entry is None:
-            new_steps[s] = 0
-            continue
-        for name in ("step", *names):
-            if name not in entry:
-                raise ValueError(f"state_dict.state[{saved_index[slot.index]}]: missing {name!r}")
-            if name != "step" and tuple(entry[name].shape) != slot.shape:
-                raise ValueError(
-                    f"state_dict.state[{saved_index[slot.index]}].{name}: shape "
-                    f"{tuple(entry[name].shape)} does not match the parameter's {slot.shape}"
-                )
-        new_steps[s] = int(float(entry["step"]))
-    for s, slot in enumerate(opt.layout.slots):
-        if new_steps[s] == 0:
-            continue
-        entry = state_dict["state"][saved_index[slot.index]]
-        flat = [entry[name].reshape(-1) for name in names]
-        for seg in opt._segments:
-            if seg.slot != s:
-                continue
-            a = seg.flat_lo - slot.start
-            for k in range(2):
-                new_states[seg.buffer][k][seg.shard_lo : seg.shard_lo + seg.numel].copy_(
-                    flat[k][a : a + seg.numel]
-                )
-    for b, pair in enumerate(new_states):
-        for k in range(2):
-            opt._state[b][k].copy_(pair[k])
-    opt._steps = new_steps
-    _restore_hyperparams(opt, [{k: v for k, v in g.items() if k != "params"} for g in groups])
-    opt.refresh_master()

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "Communicator",
-]
+__all__ = ["Communicator"]
+
+# torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor; older ones have only those.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _Done:
@@ -52,6 +54,9 @@ class Communicator:
     group: dist.ProcessGroup | None
     rank: int
     world_size: int
+    gloo_reduce_scatter_in_place: bool = True
+    """On gloo, reduce-scatter as an in-place all-reduce (see ``reduce_bucket``); ``False``
+    runs torch's own reduce-scatter, the call NCCL makes (tests use it to run that path)."""
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup | None) -> Communicator:
@@ -92,11 +97,11 @@ class Communicator:
                 piece_out.copy_(full)
             return _Done()
         if piece_out is not None:
-            if self._gloo:
+            if self._gloo and self.gloo_reduce_scatter_in_place:
                 work = dist.all_reduce(full, group=self.group, async_op=True)
                 lo = self.rank * piece_out.numel()
                 return _ChunkOnWait(work, full[lo : lo + piece_out.numel()], piece_out)
-            return dist.reduce_scatter_single(piece_out, full, group=self.group, async_op=True)
+            return _reduce_scatter(piece_out, full, group=self.group, async_op=True)
         return dist.all_reduce(full, group=self.group, async_op=True)
 
     @property
@@ -112,12 +117,18 @@ class Communicator:
             if piece.data_ptr() != full.data_ptr():
                 full.copy_(piece)
             return _Done()
-        return dist.all_gather_single(full, piece, group=self.group, async_op=True)
+        return _all_gather(full, piece, group=self.group, async_op=True)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over ranks, in place, synchronously."""
         if self.distributed:
             dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of a small tensor over ranks, in place, synchronously."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor
 
     def all_gather_small(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -126,7 +137,7 @@ class Communicator:
             return tensor.unsqueeze(0)
         local = tensor.to(self.device).contiguous()
         out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=self.device)
-        dist.all_gather_single(out, local, group=self.group)
+        _all_gather(out, local, group=self.group)
         return out.view(self.world_size, -1).to(tensor.device)
 
     @property
