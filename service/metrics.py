@@ -44,7 +44,7 @@ __all__ = [
 
 #: Step phases reported by the workers; anything else is summed into ``other``
 #: so that a misbehaving worker cannot create unbounded label values.
-PHASES = ("data", "forward", "backward", "communication", "optimizer")
+PHASES = ("data", "forward", "backward", "communication", "optimizer", "compile")
 
 #: Latency buckets for unary rpcs (seconds); streams land in the upper buckets.
 RPC_LATENCY_BUCKETS = (

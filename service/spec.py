@@ -391,6 +391,9 @@ class ShardingSpec(_Section):
     """Gradient bucket size in MiB (> 0)."""
     overlap: bool = _spec_field(True, _boolean())
     """Overlap gradient communication with the backward pass."""
+    compile: bool = _spec_field(True, _boolean())
+    """Native engine: run the optimizer step as one fused ``torch.compile`` kernel where a
+    compiler works (logged fallback to the eager step); ``false``: eager, torch's bits."""
 
     def _cross_check(self) -> list[str]:
         errors = []

@@ -13,6 +13,7 @@ data they compute the same update.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from torch import nn
 from service.spec import JobSpec
 
 __all__ = ["DeepSpeedEngine", "Engine", "NativeEngine", "make_engine", "optimizer_class"]
+
+logger = logging.getLogger(__name__)
 
 
 def optimizer_class(algorithm: str) -> type[torch.optim.Optimizer]:
@@ -55,10 +58,19 @@ class Engine:
     def track_update_stats(self, enabled: bool) -> None:
         """Whether the next update must be measured for ``stats()`` (no-op by default)."""
 
-    def step_timings(self) -> dict[str, float]:
-        """Seconds of the last parameter update spent in ``communication`` (waiting on
-        collectives) and ``optimizer`` compute; ``{}`` when the engine does not measure them."""
+    def collect_step_timings(self) -> dict[str, float]:
+        """Seconds the parameter updates since the last call spent in ``communication``
+        (waiting on collectives), ``compile`` (building fused kernels) and ``optimizer``
+        compute; ``{}`` when the engine does not measure them."""
         return {}
+
+    @property
+    def description(self) -> str:
+        """The engine in a few words, for the job's log."""
+        return self.name
+
+    def close(self) -> None:
+        """Release what the engine registered on the model (gradient hooks)."""
 
     def state_bytes(self) -> int:
         """Optimizer-state bytes held by this rank."""
@@ -79,10 +91,15 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(self, model: nn.Module, spec: JobSpec):
+        from optim.functional import compile_available
         from optim.zero import ZeroOptimizer
 
         self.model = self.module = model
         self.accum = spec.training.grad_accum_steps
+        # The fused step where a compiler works; compile_available() logs why not.
+        self.fused = spec.sharding.compile and compile_available()
+        if spec.sharding.compile and not self.fused:
+            logger.warning("sharding.compile: torch.compile is unavailable; eager optimizer step")
         self.opt = ZeroOptimizer(
             model.parameters(),
             optimizer_class(spec.optimizer.algorithm),
@@ -90,8 +107,14 @@ class NativeEngine(Engine):
             bucket_mb=spec.sharding.bucket_mb,
             overlap=spec.sharding.overlap,
             clip_grad_norm=spec.training.clip_grad_norm,
+            compile=self.fused,
             **spec.optimizer.options(),
         )
+
+    @property
+    def description(self) -> str:
+        step = "fused optimizer step" if self.fused else "eager optimizer step"
+        return f"native ({self.opt.grad_sync}, {step})"
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         scaled = loss / self.accum if self.accum > 1 else loss
@@ -109,8 +132,11 @@ class NativeEngine(Engine):
     def track_update_stats(self, enabled: bool) -> None:
         self.opt.track_update_stats = enabled
 
-    def step_timings(self) -> dict[str, float]:
-        return self.opt.last_step_timings
+    def collect_step_timings(self) -> dict[str, float]:
+        return self.opt.collect_step_timings()
+
+    def close(self) -> None:
+        self.opt.close()
 
     def state_bytes(self) -> int:
         return self.opt.state_bytes()

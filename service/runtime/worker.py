@@ -19,7 +19,6 @@ import math
 import socket
 import tempfile
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from service.runtime import compile_cache
 from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
+from service.runtime.phase_clock import PhaseClock
 from service.runtime.reporter import Reporter, make_reporter
 from service.spec import JobSpec, TrainingSpec
 from service.tasks import get_task
@@ -41,23 +42,29 @@ CHECKPOINT_META = "meta.json"
 CHECKSUMS_DIR = "checksums"
 """Per-rank manifests (``checksums/rank-<r>.json``): SHA-256 and size of every file that
 rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
-PHASES = ("data", "forward", "backward", "communication", "optimizer")
+PHASES = ("data", "forward", "backward", "communication", "optimizer", "compile")
 """Measured per step. ``communication`` is the time the optimizer step spent blocked on
-collectives (``Engine.step_timings``; reductions launched from backward hooks overlap
-backward, and only their remaining wait counts), taken out of ``optimizer``. It appears
-only when the engine measures it (native: yes; DeepSpeed: no, its communication stays
-inside ``backward`` and ``optimizer``)."""
+collectives (``Engine.collect_step_timings``; reductions launched from backward hooks
+overlap backward, and only their remaining wait counts), and ``compile`` the time it
+spent building the fused kernel (the first window only); both are taken out of
+``optimizer`` and appear only when the engine measures them (native: yes; DeepSpeed:
+no, its communication stays inside ``backward`` and ``optimizer``)."""
 
 
 @dataclass
 class _Window:
     """Accumulates what a metrics record averages over (the steps since the last record)."""
 
+    device: torch.device
     steps: int = 0
-    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    loss_sum: torch.Tensor = field(init=False)
     """On the training device: adding to it never waits for the device."""
     started: float = field(default_factory=time.perf_counter)
-    phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    clock: PhaseClock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.clock = PhaseClock(self.device)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -72,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(spec)
+    compile_cache.use_shared_cache(str(config.get("storage", "")))
 
     files = RunFiles.from_train_context()
     attempt = _broadcast(files.next_attempt() if rank == 0 else None)
@@ -104,13 +112,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Plain stdout: it lands in the Ray job's log that the service streams to users.
         print(
             f"zerotrain: job {config['job_id']} attempt {attempt}: task {spec.task}, "
-            f"{world} workers, engine {engine.name}, "
+            f"{world} workers, engine {engine.description}, "
             + (f"resuming at step {step}" if step else "starting"),
             flush=True,
         )
     try:
         _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
     finally:
+        engine.close()
         if reporter is not None:
             reporter.close()
 
@@ -136,7 +145,7 @@ def _train(
         if training.precision == "bf16"
         else nullcontext()
     )
-    window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+    window = _Window(device)
     engine.module.train()
     if step >= training.max_steps and rank == 0:
         print(f"zerotrain: step {step} >= max_steps {training.max_steps}: done", flush=True)
@@ -145,30 +154,24 @@ def _train(
         engine.track_update_stats(_reports_at(training, step + 1))
         for micro in range(accum):
             last = micro == accum - 1
-            t0 = time.perf_counter()
+            clock = window.clock
+            t0 = clock.mark()
             start = stream.micro_batch_start(
                 position, micro=micro, rank=rank, world_size=world, batch_size=batch
             )
             inputs, targets = task.train.batch(stream.indices(start, batch))
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
-            t1 = _tick(device)
+            t1 = clock.mark()
             with autocast:
                 loss = task.loss(engine.module(inputs), targets)
-            t2 = _tick(device)
+            t2 = clock.mark()
             engine.backward(loss, last=last)
-            t3 = _tick(device)
+            t3 = clock.mark()
             engine.optimizer_step(last=last)
-            t4 = _tick(device)
-            comm = engine.step_timings().get("communication") if last else None
-            window.phases["data"] += t1 - t0
-            window.phases["forward"] += t2 - t1
-            window.phases["backward"] += t3 - t2
-            if comm is None:
-                window.phases["optimizer"] += t4 - t3
-            else:
-                comm = min(comm, t4 - t3)
-                window.phases["communication"] += comm
-                window.phases["optimizer"] += t4 - t3 - comm
+            t4 = clock.mark()
+            for phase, begin, end in (("data", t0, t1), ("forward", t1, t2),
+                                      ("backward", t2, t3), ("optimizer", t3, t4)):  # fmt: skip
+                clock.add(phase, begin, end)
             window.loss_sum += loss.detach().double() / accum
         step += 1
         position += accum * world * batch
@@ -186,7 +189,20 @@ def _train(
                 if saved is not None:
                     record["checkpoint"] = saved
                 reporter.emit(record)
-            window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+            window = _Window(device)
+
+
+def _phase_seconds(window: _Window, engine: Engine) -> dict[str, float]:
+    """Mean seconds per step of each phase in ``window`` (reads the device's timers once)."""
+    totals = window.clock.totals()
+    timings = engine.collect_step_timings()
+    for phase in ("communication", "compile"):
+        if phase in timings:
+            spent = min(timings[phase], totals["optimizer"])
+            totals[phase] = spent
+            totals["optimizer"] -= spent
+    steps = max(window.steps, 1)
+    return {p: totals[p] / steps for p in PHASES if p in totals}
 
 
 def _checkpoints_at(training: TrainingSpec, step: int) -> bool:
@@ -214,6 +230,7 @@ def _metrics_record(
 ) -> dict[str, Any]:
     """Build the record (collective: every rank calls this; only rank 0's result is used)."""
     elapsed = time.perf_counter() - window.started
+    phases = _phase_seconds(window, engine)
     loss = window.loss_sum.reshape(1).clone()
     state_bytes = torch.tensor([engine.state_bytes()], dtype=torch.int64, device=loss.device)
     if dist.is_initialized() and world > 1:
@@ -225,6 +242,8 @@ def _metrics_record(
     stats = engine.stats()
     training = spec.training
     samples = window.steps * training.grad_accum_steps * training.batch_size * world
+    # Throughput of training: a one-off kernel compile is reported as its own phase.
+    training_time = elapsed - phases.get("compile", 0.0) * max(window.steps, 1)
     record: dict[str, Any] = {
         "job_id": config["job_id"],
         "attempt": attempt,
@@ -233,13 +252,9 @@ def _metrics_record(
         "rank": rank,
         "world_size": world,
         "loss": loss.item() / (world * max(window.steps, 1)),
-        "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
+        "samples_per_second": samples / training_time if training_time > 0 else 0.0,
         "lr": stats.get("lr", spec.optimizer.lr),
-        "phase_seconds": {
-            p: window.phases.get(p, 0.0) / max(window.steps, 1)
-            for p in PHASES
-            if p != "communication" or p in window.phases
-        },
+        "phase_seconds": phases,
         "optimizer": {k: float(v) for k, v in stats.items() if math.isfinite(v)},
         "state_bytes_per_rank": [int(t.item()) for t in gathered],
         "final": final,
@@ -386,12 +401,6 @@ def _device(spec: JobSpec) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
-
-
-def _tick(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _broadcast(value: Any) -> Any:

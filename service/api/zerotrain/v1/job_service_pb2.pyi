@@ -98,18 +98,20 @@ class OptimizerSpec(_message.Message):
     def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., lr: _Optional[float] = ..., betas: _Optional[_Iterable[float]] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., maximize: _Optional[bool] = ..., foreach: _Optional[bool] = ..., momentum_decay: _Optional[float] = ..., decoupled_weight_decay: _Optional[bool] = ...) -> None: ...
 
 class ShardingSpec(_message.Message):
-    __slots__ = ("engine", "stage", "grad_sync", "bucket_mb", "overlap")
+    __slots__ = ("engine", "stage", "grad_sync", "bucket_mb", "overlap", "compile")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     GRAD_SYNC_FIELD_NUMBER: _ClassVar[int]
     BUCKET_MB_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
     engine: Engine
     stage: int
     grad_sync: GradSync
     bucket_mb: float
     overlap: bool
-    def __init__(self, engine: _Optional[_Union[Engine, str]] = ..., stage: _Optional[int] = ..., grad_sync: _Optional[_Union[GradSync, str]] = ..., bucket_mb: _Optional[float] = ..., overlap: _Optional[bool] = ...) -> None: ...
+    compile: bool
+    def __init__(self, engine: _Optional[_Union[Engine, str]] = ..., stage: _Optional[int] = ..., grad_sync: _Optional[_Union[GradSync, str]] = ..., bucket_mb: _Optional[float] = ..., overlap: _Optional[bool] = ..., compile: _Optional[bool] = ...) -> None: ...
 
 class ScalingSpec(_message.Message):
     __slots__ = ("num_workers", "use_gpu", "cpus_per_worker", "placement")
