@@ -13,10 +13,11 @@ fields when re-raised elsewhere. The servicer maps them to gRPC status codes:
 ``Unschedulable``   FAILED_PRECONDITION, with the reason
 ``PermissionDenied`` PERMISSION_DENIED
 ``ClusterUnavailable`` UNAVAILABLE (Ray cannot be reached; retry later)
+``AlreadyExists``   ALREADY_EXISTS (an idempotency key reused with another spec)
 ==================  =========================================
 
-There is deliberately no ``DuplicateJob``: a repeated idempotency key returns
-the job created by the first request.
+A repeated idempotency key with the *same* spec is no error: it returns the
+job created by the first request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from service.spec import SpecError
 
 __all__ = [
+    "AlreadyExists",
     "ClusterUnavailable",
     "InvalidArgument",
     "JobFinished",
@@ -97,3 +99,18 @@ class ClusterUnavailable(ZerotrainError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class AlreadyExists(ZerotrainError):
+    """An idempotency key was reused with a different spec; names the existing job."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(key, job_id)
+        self.key = key
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return (
+            f"idempotency_key: {self.key!r} was already used for job {self.job_id!r} with a "
+            "different spec; resend that spec to get the job, or use a new key"
+        )

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import (
+    AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
     JobFinished,
@@ -177,10 +178,11 @@ class JobManager:
     ) -> JobRecord:
         """Accept a job and submit it to Ray.
 
-        A repeated ``idempotency_key`` of the same owner returns the job the
-        first request created (whatever its spec); nothing new is started.
+        A repeated ``idempotency_key`` of the same owner with the same spec
+        returns the job the first request created; nothing new is started.
 
         Raises:
+            AlreadyExists: the key was used before with a different spec.
             PermissionDenied: a custom task while they are disabled.
             Unschedulable: the cluster can never provide the resources asked for.
             ClusterUnavailable: Ray cannot be reached (nothing was stored).
@@ -198,7 +200,7 @@ class JobManager:
                 )
             existing = self.store.find_by_idempotency_key(owner, idempotency_key)
             if existing is not None:
-                return existing
+                return _same_spec_or_raise(existing, spec)
         if is_custom_task(spec.task) and not self.allow_custom_tasks:
             raise PermissionDenied(
                 f"task: custom tasks ({spec.task!r}) run arbitrary code and are disabled on "
@@ -233,7 +235,7 @@ class JobManager:
             raise
         if not created:  # a concurrent request with the same key won
             self._submitting.discard(job_id)
-            return record
+            return _same_spec_or_raise(record, spec)
         self._notify()
         if self.metrics is not None:
             self.metrics.inc_submissions()
@@ -727,6 +729,14 @@ class _Either:
 
     def is_set(self) -> bool:
         return any(e.is_set() for e in self._events)
+
+
+def _same_spec_or_raise(existing: JobRecord, spec: JobSpec) -> JobRecord:
+    """The job an idempotency key names, if it was created from ``spec``."""
+    if existing.spec.to_dict() != spec.to_dict():
+        assert existing.idempotency_key is not None
+        raise AlreadyExists(existing.idempotency_key, existing.job_id)
+    return existing
 
 
 def _truncate(text: str) -> str:

@@ -17,6 +17,7 @@ error                  status               message
 ``Unschedulable``      FAILED_PRECONDITION  why the cluster can never run it
 ``PermissionDenied``   PERMISSION_DENIED    what was refused
 ``ClusterUnavailable`` UNAVAILABLE          Ray cannot be reached (retry later)
+``AlreadyExists``      ALREADY_EXISTS       the idempotency key's job (other spec)
 anything else          INTERNAL             "internal error" (details in the log)
 =====================  ===================  ==========================================
 """
@@ -40,6 +41,7 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
 from service.errors import (
+    AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
     JobFinished,
@@ -290,6 +292,7 @@ _STATUS_OF_ERROR = (
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ClusterUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
 )
 
 

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service import cli
+from service import cli, convert
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.spec import JobSpec, SpecError
 from service.store import JobState
@@ -61,6 +61,7 @@ SUBMIT_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION,  # the cluster can never run it
     grpc.StatusCode.PERMISSION_DENIED,  # a custom task while they are disabled
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # an oversized message
+    grpc.StatusCode.ALREADY_EXISTS,  # an idempotency key reused with another spec
 }
 JOB_CODES = {
     grpc.StatusCode.OK,
@@ -77,7 +78,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self.expected: set[str] = set()
-        self.by_key: dict[str, str] = {}
+        self.by_key: dict[str, tuple[str, dict]] = {}  # key -> (job id, its spec)
         self.statuses: dict[str, dict[str, int]] = {}
         self.examples = 0
 
@@ -223,17 +224,21 @@ def test_submit_job_fuzz(fuzz_server: tuple[Served, Ledger], spec: pb.JobSpec, k
     ledger.saw("SubmitJob", code)
     _after(served, "SubmitJob", code, details, SUBMIT_CODES)
     after = store_ids(served.manager.store)
+    if code == grpc.StatusCode.ALREADY_EXISTS:  # only for a known key with another spec
+        first_id, first_spec = ledger.by_key[key]
+        assert first_id in details and convert.spec_from_proto(spec).to_dict() != first_spec
     if code != grpc.StatusCode.OK:
         assert after == before, f"a refused submit ({code.name}) changed the store"
         return
     assert job.owner == "alice" and job.job_id in after
     if key and key in ledger.by_key:
-        assert job.job_id == ledger.by_key[key], "a repeated idempotency key made a second job"
+        assert job.job_id == ledger.by_key[key][0], "a repeated idempotency key made a second job"
+        assert convert.spec_from_proto(job.spec).to_dict() == ledger.by_key[key][1]
         assert after == before
     else:
         assert after == before | {job.job_id}
     if key:
-        ledger.by_key[key] = job.job_id
+        ledger.by_key[key] = (job.job_id, convert.spec_from_proto(job.spec).to_dict())
     ledger.expected.add(job.job_id)
 
 
