@@ -31,6 +31,7 @@ import torch.distributed as dist
 from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
 from service.runtime.reporter import Reporter, make_reporter
+from service.seeds import resume_seed, worker_seed
 from service.spec import JobSpec, TrainingSpec
 from service.tasks import get_task
 
@@ -97,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step, position = meta["step"], meta["position"]
     else:
         engine = make_engine(model, spec, world_size=world)
-        torch.manual_seed(spec.training.seed * 1_000_003 + rank)
+        torch.manual_seed(worker_seed(spec.training.seed, rank))
 
     reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
     if rank == 0:
@@ -375,7 +376,7 @@ def _load_rng(directory: Path, rank: int, world: int, meta: dict[str, Any], spec
             torch.cuda.set_rng_state(state["cuda"])
         return
     # Another world size: derive a fresh, still deterministic, per-rank stream.
-    torch.manual_seed(spec.training.seed * 1_000_003 + rank + 7919 * meta["step"])
+    torch.manual_seed(resume_seed(spec.training.seed, rank, meta["step"]))
 
 
 def _device(spec: JobSpec) -> torch.device:
