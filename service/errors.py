@@ -14,6 +14,7 @@ fields when re-raised elsewhere. The servicer maps them to gRPC status codes:
 ``PermissionDenied`` PERMISSION_DENIED
 ``ClusterUnavailable`` UNAVAILABLE (Ray cannot be reached; retry later)
 ``AlreadyExists``   ALREADY_EXISTS (an idempotency key reused with another spec)
+``RecordRefused``   FAILED_PRECONDITION (a metrics record for an ended job; final)
 ==================  =========================================
 
 A repeated idempotency key with the *same* spec is no error: it returns the
@@ -31,6 +32,7 @@ __all__ = [
     "JobFinished",
     "JobNotFound",
     "PermissionDenied",
+    "RecordRefused",
     "SpecError",
     "Unschedulable",
     "ZerotrainError",
@@ -114,3 +116,15 @@ class AlreadyExists(ZerotrainError):
             f"idempotency_key: {self.key!r} was already used for job {self.job_id!r} with a "
             "different spec; resend that spec to get the job, or use a new key"
         )
+
+
+class RecordRefused(ZerotrainError):
+    """A metrics record the job can no longer take (it ended); the reporter must not retry."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(job_id, reason)
+        self.job_id = job_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} {self.reason}"

@@ -18,6 +18,7 @@ error                  status               message
 ``PermissionDenied``   PERMISSION_DENIED    what was refused
 ``ClusterUnavailable`` UNAVAILABLE          Ray cannot be reached (retry later)
 ``AlreadyExists``      ALREADY_EXISTS       the idempotency key's job (other spec)
+``RecordRefused``      FAILED_PRECONDITION  a late metrics record (the job ended)
 anything else          INTERNAL             "internal error" (details in the log)
 =====================  ===================  ==========================================
 """
@@ -47,6 +48,7 @@ from service.errors import (
     JobFinished,
     JobNotFound,
     PermissionDenied,
+    RecordRefused,
     SpecError,
     Unschedulable,
 )
@@ -293,6 +295,7 @@ _STATUS_OF_ERROR = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ClusterUnavailable, grpc.StatusCode.UNAVAILABLE),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (RecordRefused, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import socket
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
 from service.runtime.reporter import Reporter, make_reporter
+from service.runtime.staging import clean_stale_staging, staged_checkpoint
 from service.seeds import resume_seed, worker_seed
 from service.spec import JobSpec, TrainingSpec
 from service.tasks import get_task
@@ -76,6 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     files = RunFiles.from_train_context()
     attempt = _broadcast(files.next_attempt() if rank == 0 else None)
+    if rank == 0:
+        clean_stale_staging(str(config.get("storage", "")), attempt)
     files.write_worker(attempt, rank, {"host": socket.gethostname(), "world_size": world})
 
     task = get_task(spec.task, allow_custom=config.get("allow_custom_tasks", False)).build(
@@ -263,12 +265,12 @@ def _save_checkpoint(
     position: int,
     attempt: int,
 ) -> dict[str, Any]:
-    """Write this rank's part into a local dir and report it; Train V2 merges the rank dirs."""
+    """Write this rank's part into a staging dir in the run directory and report it;
+    Train V2 merges the rank dirs into the checkpoint."""
     import ray.train
 
     name = f"checkpoint_{step:08d}"
-    with tempfile.TemporaryDirectory(prefix=f"zt-{name}-") as tmp:
-        directory = Path(tmp)
+    with staged_checkpoint(str(config.get("storage", "")), attempt, rank, name) as directory:
         engine.save(directory)
         rng_dir = directory / "rng"
         rng_dir.mkdir(exist_ok=True)
@@ -289,7 +291,7 @@ def _save_checkpoint(
         _write_checksums(directory, rank)
         ray.train.report(
             {"step": step},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
         )
     storage = str(config.get("storage", "")).rstrip("/")

@@ -384,8 +384,11 @@ def test_report_metrics_fuzz(
             setattr(record, name, value)
     if token == "ingest":
         metadata = (("authorization", f"Bearer {served.auth.ingest_token_for(job_id)}"),)
+        if job_id.isascii() and job_id.isprintable() and len(job_id) < 1000:  # a legal header
+            metadata += (("zerotrain-job-id", job_id),)
     elif token == "ingest-other":
-        metadata = (("authorization", f"Bearer {served.auth.ingest_token_for('j-other')}"),)
+        metadata = (("authorization", f"Bearer {served.auth.ingest_token_for('j-other')}"),
+                    ("zerotrain-job-id", "j-other"))  # fmt: skip
     else:
         metadata = bearer(token)
     before = store_ids(served.manager.store)
