@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
+from service.health_server import create_health_server
 from service.jobs import JobManager
 from service.metrics import ServiceMetrics
 from service.ray_jobs import LocalRay, RayJobs
-from service.health_server import create_health_server
 from service.server import create_server, health_status_source, stop_server
 from service.store import JobRecord, JobState, JobStore
 
