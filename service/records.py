@@ -74,7 +74,9 @@ def check_record(job_id: str, record: Any, *, run_dir: Path) -> tuple[int, Check
                     f"{run_dir}, got {path[:200]!r}"
                 )
                 ok = False
-            when = raw.get("time", record.get("time", time.time()))
+            when = raw.get("time")
+            if when is None:  # unset on the wire: the record's own time, else now
+                when = record.get("time") or time.time()
             if isinstance(when, bool) or not isinstance(when, int | float):
                 errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
                 ok = False
