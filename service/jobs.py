@@ -520,23 +520,23 @@ class JobManager:
         env = {"ZEROTRAIN_JOB_ID": job_id}
         if self.ingest_address:
             env["ZEROTRAIN_INGEST_ADDRESS"] = self.ingest_address
-        if self.ingest_token:
-            token = self.ingest_token
-            # Only the file's path goes to Ray: Ray logs a job's runtime env.
-            path = write_token_file(
-                self.run_dir(job_id), token(job_id) if callable(token) else token
-            )
-            env[ENV_TOKEN_FILE] = str(path)
         if self.ingest_ca:
             env["ZEROTRAIN_INGEST_CA"] = self.ingest_ca
         spec_json = json.dumps(record.spec.to_dict(), separators=(",", ":"), sort_keys=True)
         entrypoint = self._entrypoint(job_id, spec_json, self.data_dir / "runs")
         try:
+            if self.ingest_token:
+                token = self.ingest_token
+                # Only the file's path goes to Ray: Ray logs a job's runtime env.
+                path = write_token_file(
+                    self.run_dir(job_id), token(job_id) if callable(token) else token
+                )
+                env[ENV_TOKEN_FILE] = str(path)
             ray_job_id = self.ray.submit(
                 job_id, entrypoint, env=env, metadata={"zerotrain_job_id": job_id}
             )
         except Exception as exc:
-            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)
+            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)  # or its token file
             with self._write_lock:
                 self._submitting.discard(job_id)
                 self._transition(

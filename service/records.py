@@ -88,9 +88,14 @@ def check_record(job_id: str, record: Any, *, run_dir: Path) -> tuple[int, Check
 
 
 def _inside(path: str, run_dir: Path) -> bool:
-    """Whether ``path`` (normalised, never resolved) names something under ``run_dir``."""
+    """Whether ``path`` (normalised, never resolved) names something under ``run_dir``.
+
+    The run directory counts as given and with its symlinks resolved (workers
+    report paths under the resolved storage path).
+    """
     normal = os.path.normpath(path)
-    return os.path.isabs(normal) and normal.startswith(str(run_dir).rstrip("/") + "/")
+    roots = {str(run_dir).rstrip("/"), os.path.realpath(run_dir).rstrip("/")}
+    return os.path.isabs(normal) and any(normal.startswith(root + "/") for root in roots)
 
 
 def _check_sizes(value: dict, where: str, errors: list[str]) -> None:
