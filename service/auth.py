@@ -260,10 +260,10 @@ class Authenticator:
         authentication off. The servicer still checks the token against the
         request's own job id (:meth:`ingest_allowed`).
         """
-        if self._tokens is None:
-            return ANONYMOUS.name
         pairs = list(metadata or ())
         job_id = next((v for k, v in pairs if k.lower() == JOB_ID_METADATA), None)
+        if self._tokens is None:  # each job still gets its own ingestion budget
+            return f"job {job_id}" if isinstance(job_id, str) and job_id else ANONYMOUS.name
         if isinstance(job_id, str) and job_id and self.ingest_allowed(pairs, job_id):
             principal = self.authenticate(pairs)
             return principal.name if principal is not None else f"job {job_id}"

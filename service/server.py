@@ -419,6 +419,9 @@ class Service:
             log.error("tokens file not reloaded, keeping the current tokens: %s", exc)
             return
         log.info("reloaded %d token(s) from %s", count, self.config.tokens_file)
+        from service.datadir import warn_if_exposed
+
+        warn_if_exposed(self.config.tokens_file)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and release everything (idempotent)."""
