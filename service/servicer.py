@@ -1,6 +1,6 @@
 """The ``zerotrain.v1.JobService`` servicer: convert, call the job manager, reply.
 
-Each rpc authenticates the caller (the :class:`~service.auth.AuthInterceptor`
+Each rpc authenticates the caller (the :class:`~service.gate.GateInterceptor`
 has already refused unknown tokens), converts the request with
 :mod:`service.convert`, checks ownership (a principal may only see and cancel
 its own jobs, an admin all), calls :class:`service.jobs.JobManager` and builds
