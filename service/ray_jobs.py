@@ -408,7 +408,8 @@ def _read_state(path: Path) -> dict | None:
                     "token": str(state["token"])}  # fmt: skip
         except (ValueError, KeyError, TypeError):
             logger.warning("%s: unreadable, starting a new head", path)
-            return {"pid": -1, "address": "", "token": ""}
+    path.unlink()
+    return None
 
 
 def start_local_ray(
