@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"after this many seconds gets a warning event (default "
         f"{ServerConfig.no_metrics_warning_s:g}; env ZEROTRAIN_NO_METRICS_WARNING_S)")  # fmt: skip
     add("--reinitialize-store", action="store_true", default=None,
-        help="start with an empty job store even though the data dir shows earlier use "
-        "(its jobs.db is empty or missing): the recorded jobs are lost")  # fmt: skip
+        help="start with an empty job store when jobs.db is empty, missing or unreadable "
+        "although the data dir shows earlier use (an unusable jobs.db is moved aside as "
+        "jobs.db.unusable-<time>; the jobs it recorded are no longer listed)")  # fmt: skip
     add("--allow-custom-tasks", action="store_true", default=None,
         help="accept package.module:function tasks (arbitrary code; env ZEROTRAIN_ALLOW_CUSTOM_TASKS)")  # fmt: skip
     add("--insecure-no-auth", action="store_true", default=None,

@@ -47,7 +47,8 @@ flag                       environment                     default
                                                            metrics record
 ``--reinitialize-store``   (none)                          off: refuse to start over a
                                                            used data dir whose
-                                                           ``jobs.db`` is empty/missing
+                                                           ``jobs.db`` is empty, missing
+                                                           or unreadable
 ``--allow-custom-tasks``   ``ZEROTRAIN_ALLOW_CUSTOM_TASKS``  off
 ``--insecure-no-auth``     ``ZEROTRAIN_INSECURE_NO_AUTH``  off (forces a loopback bind)
 =========================  ==============================  ==========================
