@@ -37,15 +37,16 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    ZEROTRAIN_HEALTH_ADDRESS=127.0.0.1:50051
+    ZEROTRAIN_HEALTH_ADDRESS=127.0.0.1:50052
 WORKDIR /home/zerotrain
 USER 10001:10001
 VOLUME ["/data"]
 # Mount the API tokens file at /etc/zerotrain/tokens.yaml (format: service/auth.py).
-# gRPC API, Prometheus /metrics
-EXPOSE 50051 9464
+# gRPC API, health port (plaintext grpc.health.v1 for probes, outside the API's budget),
+# Prometheus /metrics
+EXPOSE 50051 50052 9464
 HEALTHCHECK --interval=15s --timeout=6s --start-period=60s --retries=3 \
     CMD ["python", "-m", "service.health", "--timeout", "5"]
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["serve", "--address=0.0.0.0:50051", "--metrics-port=9464", "--data-dir=/data", \
-     "--tokens-file=/etc/zerotrain/tokens.yaml"]
+CMD ["serve", "--address=0.0.0.0:50051", "--health-port=50052", "--metrics-port=9464", \
+     "--data-dir=/data", "--tokens-file=/etc/zerotrain/tokens.yaml"]

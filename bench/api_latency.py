@@ -106,7 +106,7 @@ def _client(port: int, threads: int, seconds: float, seed: int, out: Any) -> Non
     from service import convert
     from service.api.zerotrain.v1 import job_service_pb2 as pb
     from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-    from service.auth import ingest_token
+    from service.auth import JOB_ID_METADATA, ingest_token
 
     samples: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
@@ -141,7 +141,8 @@ def _client(port: int, threads: int, seconds: float, seed: int, out: Any) -> Non
                     request = pb.ReportMetricsRequest(
                         job_id=job_id, record=convert.metrics_to_proto(_record(job_id, step))
                     )
-                    token = (("authorization", f"Bearer {ingest_token(SECRET, job_id)}"),)
+                    token = (("authorization", f"Bearer {ingest_token(SECRET, job_id)}"),
+                             (JOB_ID_METADATA, job_id))
                     stub.ReportMetrics(request, metadata=token, timeout=10)
                 else:
                     name = "WatchJob replay"

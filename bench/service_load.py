@@ -17,12 +17,19 @@ Every submitted job is a real Ray job running the real runtime (regression,
 the end. Each submitted job gets its own watcher that must see every state
 transition the store records for it. The server's RSS is sampled throughout.
 
+Then the *stream hog*: a second principal opens WatchJob streams on its own
+running job until the server refuses it (it holds its ``--max-streams-per-principal``
+and keeps asking for more), while other clients call GetJob for ``--hog-seconds``.
+None of their calls may be refused; their p99 is recorded (target: under 50 ms
+on a quiet machine).
+
 Then, on the quiet cluster, the time from SubmitJob to the first training step
 (the worker's timestamp of its step-1 record) against a bare Ray Train
 ``TorchTrainer.fit()`` of the same job from a fresh driver process (spawn to
 step-1 record), alternating, ``--repeats`` times each.
 
     python bench/service_load.py [--seconds 45] [--clients 4] [--threads 16] [--think-ms 250]
+    python bench/service_load.py --hog-only [--hog-seconds 30]   # the stream hog alone
 
 Writes bench/results/service_load.json and prints a table. About 3-4 minutes on a loaded
 2-core machine (45 s of load, the submitted jobs draining, 2 x --repeats startups).
@@ -53,7 +60,13 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "service_load.json"
+HOG_RESULTS = REPO / "bench" / "results" / "service_load_stream_hog.json"
+# One principal ("bench") stands for all 64 load clients, so it gets more than a user's
+# default budget; the stream hog ("hog") keeps the defaults.
+SERVER_LIMITS = ("--max-calls-per-principal", "64", "--max-streams-per-principal", "32")
 TOKEN = "bench-load-token-0123456789abcdef"
+HOG_TOKEN = "bench-hog-token-0123456789abcdef0"
+HOG_JOB = "j-hog-running"
 SEEDED_JOBS = 200
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 SHORT_JOB = {
@@ -113,6 +126,12 @@ def _seed_store(data_dir: Path) -> tuple[list[str], int]:
         )
         ids.append(job_id)
     events = store.last_sequence(ids[0])  # PENDING, RUNNING, 3 metrics, SUCCEEDED
+    # The stream hog's own job: RUNNING (its watch streams stay open), never given to Ray.
+    store.create_job(JobRecord(
+        job_id=HOG_JOB, owner="hog", spec=spec, state=JobState.RUNNING, state_reason="seeded",
+        created_at=now, updated_at=now, started_at=now, finished_at=None, attempt=1,
+        latest_metrics=None, checkpoint=None, idempotency_key=None, ray_job_id=HOG_JOB,
+    ))  # fmt: skip
     store.close()
     return ids, events
 
@@ -122,13 +141,16 @@ class Server:
 
     def __init__(self, data_dir: Path, ray_address: str) -> None:
         tokens = data_dir / "tokens.yaml"
-        tokens.write_text(f"tokens:\n  - token: {TOKEN}\n    principal: bench\n")
+        tokens.write_text(f"tokens:\n  - token: {TOKEN}\n    principal: bench\n"
+                          f"  - token: {HOG_TOKEN}\n    principal: hog\n")  # fmt: skip
+        tokens.chmod(0o600)
         self.port = _free_port()
         self.log = data_dir / "service.log"
         args = [
             sys.executable, "-m", "service", "serve", "--address", f"127.0.0.1:{self.port}",
             "--metrics-port", "-1", "--data-dir", str(data_dir), "--ray-address", ray_address,
-            "--tokens-file", str(tokens), "--log-level", "WARNING",
+            "--tokens-file", str(tokens), "--log-level", "WARNING", "--health-port", "0",
+            *SERVER_LIMITS,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -275,6 +297,120 @@ def _canonical_states(port: int, job_id: str) -> list[str]:
     return [state_name(e.state_change.state) for e in events if e.HasField("state_change")]
 
 
+# ----------------------------------------------------------------- stream hog
+def _getjob_client(port: int, threads: int, seconds: float, seed: int, seeded: list[str],
+                   think_s: float, out: Any) -> None:  # fmt: skip
+    """Client process: GetJob only, ``threads`` threads with a channel each."""
+    from service.api.zerotrain.v1 import job_service_pb2 as pb
+
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        stub, md = _stub(port), _metadata()
+        while time.monotonic() < deadline:
+            if think_s > 0:
+                time.sleep(rng.expovariate(1.0 / think_s))
+            began = time.perf_counter()
+            try:
+                stub.GetJob(pb.GetJobRequest(job_id=rng.choice(seeded)), metadata=md,
+                            timeout=30)  # fmt: skip
+                with lock:
+                    latencies.append(time.perf_counter() - began)
+            except grpc.RpcError as exc:
+                with lock:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    out.put({"latencies": latencies, "errors": errors})
+
+
+def _hog(port: int, seconds: float, ready: Any, out: Any) -> None:
+    """The stream hog (its own process): open WatchJob streams on its running job until
+    refused, then keep asking for more for ``seconds``; report what it held and was told."""
+    from service.api.zerotrain.v1 import job_service_pb2 as pb
+    from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+
+    hog_md = (("authorization", f"Bearer {HOG_TOKEN}"),)
+    channels: list[grpc.Channel] = []
+    held: list[Any] = []
+    refused: dict[str, int] = {}
+
+    def open_stream() -> bool:
+        if len(held) % 16 == 0 and len(channels) <= len(held) // 16:  # 32 streams a connection
+            channels.append(grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]))  # fmt: skip
+        call = pb_grpc.JobServiceStub(channels[-1]).WatchJob(
+            pb.WatchJobRequest(job_id=HOG_JOB), metadata=hog_md, timeout=seconds + 120
+        )
+        try:
+            next(call)  # the job's first event: the stream is open
+        except grpc.RpcError as exc:
+            key = f"{exc.code().name}: {(exc.details() or '')[:100]}"
+            refused[key] = refused.get(key, 0) + 1
+            return False
+        held.append(call)
+        return True
+
+    while open_stream():  # until the server says no
+        pass
+    ready.put(len(held))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # and keeps asking while the others work
+        open_stream()
+        time.sleep(0.05)
+    out.put({"held": len(held), "refused": refused})
+    for call in held:
+        call.cancel()
+
+
+def run_stream_hog(port: int, seeded: list[str], seconds: float, clients: int, threads: int,
+                   think_s: float) -> dict:  # fmt: skip
+    """One principal holds every stream it may (and asks for more); others call GetJob."""
+    ctx = mp.get_context("spawn")
+    ready, hog_out, queue = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    hog = ctx.Process(target=_hog, args=(port, seconds + 5, ready, hog_out))
+    hog.start()
+    ready.get(timeout=120)
+    procs = [ctx.Process(target=_getjob_client,
+                         args=(port, threads, seconds, 100 + i, seeded, think_s, queue))
+             for i in range(clients)]  # fmt: skip
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    hogged = hog_out.get(timeout=seconds + 120)
+    hog.join(timeout=30)
+    latencies = [v for r in results for v in r["latencies"]]
+    errors = [e for r in results for e in r["errors"]]
+    p99 = _pct(latencies, 0.99) * 1e3
+    return {
+        "config": {"seconds": seconds, "clients": clients * threads, "think_ms": think_s * 1e3},
+        "hog_streams_held": hogged["held"],
+        "hog_refusals": hogged["refused"],
+        "others_getjob": {
+            "calls": len(latencies),
+            "p50_ms": round(_pct(latencies, 0.50) * 1e3, 2),
+            "p99_ms": round(p99, 2),
+            "max_ms": round(max(latencies, default=float("nan")) * 1e3, 2),
+            "refused_or_failed": len(errors),
+            "error_samples": errors[:10],
+        },
+        "targets": {
+            "others_none_refused": not errors and bool(latencies),
+            "others_getjob_p99_under_50ms": p99 < 50,
+        },
+    }
+
+
 # ------------------------------------------------------------------- startup
 def _first_step_via_service(port: int) -> float:
     """SubmitJob -> the worker's timestamp of its step-1 record (seconds)."""
@@ -358,8 +494,45 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def _start_hog_job(head: Any) -> None:
+    """A Ray job that only sleeps behind the hog's seeded RUNNING job, so it stays RUNNING."""
+    from service.ray_jobs import RayJobs
+
+    RayJobs(head.address, token=head.token).submit(HOG_JOB, "sleep 3600")
+
+
+def run_hog_only(seconds: float, clients: int, threads: int, think_s: float) -> dict:
+    """Only the stream-hog scenario (a Ray head is still started: the service needs one)."""
+    from service.ray_jobs import start_local_ray
+
+    load_at_start = os.getloadavg()[0]
+    root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))
+    head = start_local_ray(root / "ray", num_cpus=2)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(head.temp_dir / "auth_token")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    seeded, _ = _seed_store(data_dir)
+    _start_hog_job(head)
+    server = Server(data_dir, head.address)
+    try:
+        time.sleep(2.0)
+        hog = run_stream_hog(server.port, seeded, seconds, clients, threads, think_s)
+    finally:
+        server.stop()
+        head.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1m_start": round(load_at_start, 1),
+                    "load_average_1m": round(os.getloadavg()[0], 1)},
+        "stream_hog": hog,
+    }
+
+
 def run(
-    seconds: float, clients: int, threads: int, submits: int, repeats: int, think_s: float
+    seconds: float, clients: int, threads: int, submits: int, repeats: int, think_s: float,
+    hog: dict[str, Any],
 ) -> dict:
     from service.ray_jobs import start_local_ray
 
@@ -373,6 +546,7 @@ def run(
     data_dir = root / "data"
     data_dir.mkdir()
     seeded, replay_events = _seed_store(data_dir)
+    _start_hog_job(head)
     server = Server(data_dir, head.address)
     try:
         time.sleep(2.0)  # settle: RSS baseline
@@ -430,6 +604,7 @@ def run(
         time.sleep(5.0)  # idle: does memory come back down / stay flat?
         rss_after = server.rss[-1][1]
         rss_peak = max(r for _, r in server.rss)
+        stream_hog = run_stream_hog(server.port, seeded, **hog)
 
         startup = {"service_s": [], "bare_s": []}
         for _ in range(repeats):
@@ -480,6 +655,7 @@ def run(
             "after": round(rss_after / 2**20, 1),
             "series": [(t, round(r / 2**20, 1)) for t, r in server.rss[::4]],
         },
+        "stream_hog": stream_hog,
         "first_step": {
             **startup,
             "ratio_service_to_bare_median": round(ratio, 2),
@@ -491,6 +667,7 @@ def run(
             "every_watch_saw_every_transition": not missed,
             "memory_flat_after_run": rss_after <= rss_peak and rss_after - rss_before < 64 * 2**20,
             "first_step_within_1_2x_of_bare": ratio <= 1.2,
+            **{f"stream_hog_{k}": v for k, v in stream_hog["targets"].items()},
         },
     }
 
@@ -504,16 +681,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="startup comparisons")
     parser.add_argument("--think-ms", type=float, default=250.0,
                         help="mean pause of each client between calls (0: closed loop, saturating)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--hog-seconds", type=float, default=30.0,
+                        help="stream hog: how long the others call GetJob")  # fmt: skip
+    parser.add_argument("--hog-clients", type=int, default=2, help="stream hog: client processes")
+    parser.add_argument("--hog-threads", type=int, default=8, help="stream hog: threads each")
+    parser.add_argument("--hog-think-ms", type=float, default=50.0,
+                        help="stream hog: mean pause between GetJob calls")  # fmt: skip
+    parser.add_argument("--hog-only", action="store_true",
+                        help=f"run only the stream-hog scenario (writes {HOG_RESULTS.name})")  # fmt: skip
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    hog = {"seconds": args.hog_seconds, "clients": args.hog_clients,
+           "threads": args.hog_threads, "think_s": args.hog_think_ms / 1e3}  # fmt: skip
+    if args.hog_only:
+        result = run_hog_only(**hog)
+        _write(result, args.out or HOG_RESULTS)
+        _print_hog(result["stream_hog"])
+        print(f"wrote {args.out or HOG_RESULTS}")
+        return
     result = run(
-        args.seconds, args.clients, args.threads, args.submits, args.repeats, args.think_ms / 1e3
+        args.seconds, args.clients, args.threads, args.submits, args.repeats, args.think_ms / 1e3,
+        hog,
     )
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out: Path = args.out or RESULTS
+    _write(result, out)
     print(f"{result['config']['clients']} clients (think {args.think_ms:g} ms) for "
           f"{result['load_seconds']} s, {result['rpc_rate_per_s']} rpc/s, "
           f"load average {result['machine']['load_average_1m_start']} -> "
@@ -531,8 +722,24 @@ def main() -> None:
     print(f"SubmitJob -> first step {fs['service_s']} s; bare TorchTrainer.fit() {fs['bare_s']} s; "
           f"ratio of medians {fs['ratio_service_to_bare_median']}, "
           f"of bests {fs['ratio_service_to_bare_best']}")  # fmt: skip
+    _print_hog(result["stream_hog"])
     print("targets:", json.dumps(result["targets"]))
     print(f"wrote {out}")
+
+
+def _write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def _print_hog(hog: dict) -> None:
+    others = hog["others_getjob"]
+    print(f"stream hog: holds {hog['hog_streams_held']} streams, refused {hog['hog_refusals']}; "
+          f"others' GetJob: {others['calls']} calls, p50 {others['p50_ms']} ms, "
+          f"p99 {others['p99_ms']} ms, refused/failed {others['refused_or_failed']}; "
+          f"targets {json.dumps(hog['targets'])}")  # fmt: skip
 
 
 if __name__ == "__main__":

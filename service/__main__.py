@@ -21,6 +21,7 @@ from typing import Any
 
 from service.config import (
     DEFAULT_ADDRESS,
+    DEFAULT_HEALTH_PORT,
     DEFAULT_METRICS_PORT,
     ConfigError,
     ServerConfig,
@@ -64,6 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
         "certificate with (default: --tls-cert; env ZEROTRAIN_INGEST_CA_FILE)")  # fmt: skip
     add("--ingest-port", type=int, help="with mutual TLS: port of the ReportMetrics-only "
         "server-TLS listener for workers (default 0: any free; env ZEROTRAIN_INGEST_PORT)")  # fmt: skip
+    add("--health-port", type=int, help=f"plaintext grpc.health.v1-only port for probes, on the "
+        f"host of --address and outside the API's call budget (default {DEFAULT_HEALTH_PORT}; "
+        "0: any free port; -1: off; env ZEROTRAIN_HEALTH_PORT)")  # fmt: skip
+    add("--max-streams-per-principal", type=int, help="open WatchJob/StreamLogs streams one "
+        f"principal may hold (default {ServerConfig.max_streams_per_principal}; "
+        "env ZEROTRAIN_MAX_STREAMS_PER_PRINCIPAL)")  # fmt: skip
+    add("--max-calls-per-principal", type=int, help="unary calls one principal may have in "
+        f"flight (default {ServerConfig.max_calls_per_principal}; "
+        "env ZEROTRAIN_MAX_CALLS_PER_PRINCIPAL)")  # fmt: skip
+    add("--max-streams", type=int, help="open streams of all principals together; the rest of "
+        f"the server's threads is kept for unary calls and ingestion (default "
+        f"{ServerConfig.max_streams}; env ZEROTRAIN_MAX_STREAMS)")  # fmt: skip
+    add("--min-cpus-per-worker", type=float, help="smallest scaling.cpus_per_worker a job may "
+        f"ask for (default {ServerConfig.min_cpus_per_worker:g}; "
+        "env ZEROTRAIN_MIN_CPUS_PER_WORKER)")  # fmt: skip
+    add("--max-workers-per-job", type=int, help="largest scaling.num_workers a job may ask for "
+        f"(default {ServerConfig.max_workers_per_job}; env ZEROTRAIN_MAX_WORKERS_PER_JOB)")  # fmt: skip
+    add("--metrics-grace-s", type=float, help="seconds after a job ends during which its "
+        "ending attempt may still report its last records; its ingest token ends with it "
+        f"(default {ServerConfig.metrics_grace_s:g}; env ZEROTRAIN_METRICS_GRACE_S)")  # fmt: skip
+    add("--no-metrics-warning-s", type=float, help="a RUNNING job without any metrics record "
+        f"after this many seconds gets a warning event (default "
+        f"{ServerConfig.no_metrics_warning_s:g}; env ZEROTRAIN_NO_METRICS_WARNING_S)")  # fmt: skip
+    add("--reinitialize-store", action="store_true", default=None,
+        help="start with an empty job store when jobs.db is empty, missing or unreadable "
+        "although the data dir shows earlier use (an unusable jobs.db is moved aside as "
+        "jobs.db.unusable-<time>; the jobs it recorded are no longer listed)")  # fmt: skip
     add("--allow-custom-tasks", action="store_true", default=None,
         help="accept package.module:function tasks (arbitrary code; env ZEROTRAIN_ALLOW_CUSTOM_TASKS)")  # fmt: skip
     add("--insecure-no-auth", action="store_true", default=None,
@@ -77,7 +105,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     values: dict[str, Any] = ServerConfig.env_defaults(env)
     for key in ("address", "metrics_port", "data_dir", "ray_address", "ray_num_cpus",
                 "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_address", "ingest_ca", "ingest_port",
-                "allow_custom_tasks", "insecure_no_auth"):  # fmt: skip
+                "allow_custom_tasks", "insecure_no_auth", "health_port", "max_streams_per_principal",
+                "max_calls_per_principal", "max_streams", "min_cpus_per_worker", "max_workers_per_job",
+                "metrics_grace_s", "no_metrics_warning_s", "reinitialize_store"):  # fmt: skip
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
@@ -141,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zerotrain: error: {exc}", file=sys.stderr)
         return 2
+    from service.datadir import StoreUnusable
+
     try:
         return serve(config, keep_ray=keep_ray)
+    except StoreUnusable as exc:  # one line naming jobs.db and --reinitialize-store
+        print(f"zerotrain: error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError) as exc:
         # TokenFileError, TLS files, ports in use, Ray that will not start: say what, exit 1.
         print(f"zerotrain: error: {exc}", file=sys.stderr)

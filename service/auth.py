@@ -18,7 +18,9 @@ appear in logs or error messages.
 
 Workers push metrics with a per-job ingest token, ``ingest_token(secret,
 job_id)``: an HMAC of the job id under a secret the service generates at start,
-so a leaked worker token only lets one job report for itself.
+so a leaked worker token only lets one job report for itself. They also send
+the job id as ``zerotrain-job-id`` metadata, so the token is checked when the
+call's headers arrive, before any request body (see :mod:`service.gate`).
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 __all__ = [
     "ANONYMOUS",
-    "AuthInterceptor",
+    "INGEST_METHOD",
+    "JOB_ID_METADATA",
+    "OPEN_SERVICE_PREFIXES",
     "Authenticator",
     "Principal",
     "TokenFileError",
@@ -51,6 +54,8 @@ __all__ = [
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 #: The ingestion rpc: authorized in the servicer (it needs the request's job id).
 INGEST_METHOD = "/zerotrain.v1.JobService/ReportMetrics"
+#: Metadata key naming the job a ReportMetrics call reports for (checked at the headers).
+JOB_ID_METADATA = "zerotrain-job-id"
 _MIN_TOKEN_CHARS = 16
 
 
@@ -247,50 +252,20 @@ class Authenticator:
         principal = self.authenticate(metadata)
         return principal is not None and principal.admin
 
+    def ingest_caller(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """Who reports metrics, judged from the call's headers alone; None: refuse.
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without a valid bearer token with ``UNAUTHENTICATED``.
-
-    Health and reflection stay open. The ingestion rpc passes through: the
-    servicer checks its per-job token against the request's job id.
-    """
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        if (
-            not self._auth.enabled
-            or method.startswith(OPEN_SERVICE_PREFIXES)
-            or method == INGEST_METHOD
-            or self._auth.authenticate(handler_call_details.invocation_metadata) is not None
-        ):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        return _deny(handler)
-
-
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "missing or invalid bearer token (send 'authorization: Bearer <token>' metadata)"
-
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+        The job named by the ``zerotrain-job-id`` metadata when the bearer token
+        is that job's ingest token; an admin's name; ``anonymous`` with
+        authentication off. The servicer still checks the token against the
+        request's own job id (:meth:`ingest_allowed`).
+        """
+        pairs = list(metadata or ())
+        job_id = next((v for k, v in pairs if k.lower() == JOB_ID_METADATA), None)
+        if self._tokens is None:  # each job still gets its own ingestion budget
+            return f"job {job_id}" if isinstance(job_id, str) and job_id else ANONYMOUS.name
+        if isinstance(job_id, str) and job_id and self.ingest_allowed(pairs, job_id):
+            principal = self.authenticate(pairs)
+            return principal.name if principal is not None else f"job {job_id}"
+        principal = self.authenticate(pairs)
+        return principal.name if principal is not None and principal.admin else None

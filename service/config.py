@@ -24,9 +24,37 @@ flag                       environment                     default
                                                            mutual TLS, workers report
                                                            on this ReportMetrics-only,
                                                            server-TLS port
+``--health-port``          ``ZEROTRAIN_HEALTH_PORT``       ``50052``: plaintext
+                                                           ``grpc.health.v1`` only, on
+                                                           the host of ``--address``,
+                                                           outside the API's budget
+                                                           (0: any free port; -1: off)
+``--max-streams-per-``     ``ZEROTRAIN_MAX_STREAMS_PER_``  ``16`` open WatchJob /
+``principal``              ``PRINCIPAL``                   StreamLogs per principal
+``--max-calls-per-``       ``ZEROTRAIN_MAX_CALLS_PER_``    ``16`` unary calls in flight
+``principal``              ``PRINCIPAL``                   per principal
+``--max-streams``          ``ZEROTRAIN_MAX_STREAMS``       ``64`` open streams of all
+                                                           principals together
+``--min-cpus-per-worker``  ``ZEROTRAIN_MIN_CPUS_PER_``     ``0.5``: smallest
+                           ``WORKER``                      ``scaling.cpus_per_worker``
+``--max-workers-per-job``  ``ZEROTRAIN_MAX_WORKERS_PER_``  ``64``: largest
+                           ``JOB``                         ``scaling.num_workers``
+``--metrics-grace-s``      ``ZEROTRAIN_METRICS_GRACE_S``   ``60``: a job's own last
+                                                           records are still accepted
+                                                           this long after it ended
+``--no-metrics-warning-s`` ``ZEROTRAIN_NO_METRICS_``       ``300``: warn when a job has
+                           ``WARNING_S``                   run this long without a
+                                                           metrics record
+``--reinitialize-store``   (none)                          off: refuse to start over a
+                                                           used data dir whose
+                                                           ``jobs.db`` is empty, missing
+                                                           or unreadable
 ``--allow-custom-tasks``   ``ZEROTRAIN_ALLOW_CUSTOM_TASKS``  off
 ``--insecure-no-auth``     ``ZEROTRAIN_INSECURE_NO_AUTH``  off (forces a loopback bind)
 =========================  ==============================  ==========================
+
+Every path setting is made absolute (``~`` expanded) when the config is built,
+so nothing depends on the working directory of the service or of a worker.
 
 Client settings (``JobClient`` and ``trainctl``), first found wins: explicit
 arguments/flags, then ``ZEROTRAIN_ADDRESS``, ``ZEROTRAIN_TOKEN``,
@@ -47,6 +75,7 @@ import yaml
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "DEFAULT_HEALTH_PORT",
     "DEFAULT_METRICS_PORT",
     "ClientConfig",
     "ConfigError",
@@ -59,6 +88,8 @@ __all__ = [
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_HEALTH_PORT = 50052
+_PATH_FIELDS = ("data_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_ca")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -116,8 +147,21 @@ class ServerConfig:
     ingest_port: int = 0
     allow_custom_tasks: bool = False
     insecure_no_auth: bool = False
+    health_port: int = DEFAULT_HEALTH_PORT
+    max_streams_per_principal: int = 16
+    max_calls_per_principal: int = 16
+    max_streams: int = 64
+    min_cpus_per_worker: float = 0.5
+    max_workers_per_job: int = 64
+    metrics_grace_s: float = 60.0
+    no_metrics_warning_s: float = 300.0
+    reinitialize_store: bool = False
 
     def __post_init__(self) -> None:
+        for name in _PATH_FIELDS:  # relative paths would depend on the cwd of each process
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(os.path.abspath(Path(value).expanduser())))
         errors = []
         for check in (
             lambda: _check_address(self.address, "--address"),
@@ -131,6 +175,31 @@ class ServerConfig:
             errors.append(f"--ingest-port: must be in 0..65535, got {self.ingest_port}")
         if not -1 <= self.metrics_port <= 65535:
             errors.append(f"--metrics-port: must be in -1..65535, got {self.metrics_port}")
+        if not -1 <= self.health_port <= 65535:
+            errors.append(f"--health-port: must be in -1..65535, got {self.health_port}")
+        for flag, value in (
+            ("--max-streams-per-principal", self.max_streams_per_principal),
+            ("--max-calls-per-principal", self.max_calls_per_principal),
+            ("--max-streams", self.max_streams),
+            ("--max-workers-per-job", self.max_workers_per_job),
+        ):
+            if not 1 <= value <= 1024:
+                errors.append(f"{flag}: must be in 1..1024, got {value}")
+        if self.max_streams_per_principal > self.max_streams:
+            errors.append(
+                f"--max-streams-per-principal: must be <= --max-streams ({self.max_streams}), "
+                f"got {self.max_streams_per_principal}"
+            )
+        if not 0 < self.min_cpus_per_worker <= 1024:
+            errors.append(
+                f"--min-cpus-per-worker: must be in (0, 1024], got {self.min_cpus_per_worker}"
+            )
+        for flag, seconds in (
+            ("--metrics-grace-s", self.metrics_grace_s),
+            ("--no-metrics-warning-s", self.no_metrics_warning_s),
+        ):
+            if not 0 < seconds <= 86_400:
+                errors.append(f"{flag}: must be in (0, 86400] seconds, got {seconds}")
         if self.ray_num_cpus is not None and self.ray_num_cpus < 1:
             errors.append(f"--ray-num-cpus: must be >= 1, got {self.ray_num_cpus}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -171,11 +240,29 @@ class ServerConfig:
         ):
             if env.get(name):
                 out[key] = env[name]
+        def number(name: str) -> float | None:
+            if not env.get(name):
+                return None
+            try:
+                return float(env[name])
+            except ValueError:
+                raise ConfigError(f"{name}: must be a number, got {env[name]!r}") from None
+
         for key, name in (("metrics_port", "ZEROTRAIN_METRICS_PORT"),
                           ("ray_num_cpus", "ZEROTRAIN_RAY_NUM_CPUS"),
-                          ("ingest_port", "ZEROTRAIN_INGEST_PORT")):  # fmt: skip
+                          ("ingest_port", "ZEROTRAIN_INGEST_PORT"),
+                          ("health_port", "ZEROTRAIN_HEALTH_PORT"),
+                          ("max_streams_per_principal", "ZEROTRAIN_MAX_STREAMS_PER_PRINCIPAL"),
+                          ("max_calls_per_principal", "ZEROTRAIN_MAX_CALLS_PER_PRINCIPAL"),
+                          ("max_streams", "ZEROTRAIN_MAX_STREAMS"),
+                          ("max_workers_per_job", "ZEROTRAIN_MAX_WORKERS_PER_JOB")):  # fmt: skip
             if (value := integer(name)) is not None:
                 out[key] = value
+        for key, name in (("min_cpus_per_worker", "ZEROTRAIN_MIN_CPUS_PER_WORKER"),
+                          ("metrics_grace_s", "ZEROTRAIN_METRICS_GRACE_S"),
+                          ("no_metrics_warning_s", "ZEROTRAIN_NO_METRICS_WARNING_S")):  # fmt: skip
+            if (real := number(name)) is not None:
+                out[key] = real
         for key, name in (
             ("data_dir", "ZEROTRAIN_DATA_DIR"),
             ("tokens_file", "ZEROTRAIN_TOKENS_FILE"),

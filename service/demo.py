@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens_file.write_text(f"tokens:\n  - {{token: {token}, principal: demo, admin: true}}\n")
     tokens_file.chmod(0o600)
     config = ServerConfig(
-        address="127.0.0.1:0", metrics_port=0, data_dir=data_dir, tokens_file=tokens_file
+        address="127.0.0.1:0", metrics_port=0, health_port=0, data_dir=data_dir,
+        tokens_file=tokens_file,
     )
 
     started = time.monotonic()

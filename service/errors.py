@@ -13,10 +13,12 @@ fields when re-raised elsewhere. The servicer maps them to gRPC status codes:
 ``Unschedulable``   FAILED_PRECONDITION, with the reason
 ``PermissionDenied`` PERMISSION_DENIED
 ``ClusterUnavailable`` UNAVAILABLE (Ray cannot be reached; retry later)
+``AlreadyExists``   ALREADY_EXISTS (an idempotency key reused with another spec)
+``RecordRefused``   FAILED_PRECONDITION (a metrics record for an ended job; final)
 ==================  =========================================
 
-There is deliberately no ``DuplicateJob``: a repeated idempotency key returns
-the job created by the first request.
+A repeated idempotency key with the *same* spec is no error: it returns the
+job created by the first request.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from __future__ import annotations
 from service.spec import SpecError
 
 __all__ = [
+    "AlreadyExists",
     "ClusterUnavailable",
     "InvalidArgument",
     "JobFinished",
     "JobNotFound",
     "PermissionDenied",
+    "RecordRefused",
     "SpecError",
     "Unschedulable",
     "ZerotrainError",
@@ -97,3 +101,30 @@ class ClusterUnavailable(ZerotrainError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class AlreadyExists(ZerotrainError):
+    """An idempotency key was reused with a different spec; names the existing job."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(key, job_id)
+        self.key = key
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return (
+            f"idempotency_key: {self.key!r} was already used for job {self.job_id!r} with a "
+            "different spec; resend that spec to get the job, or use a new key"
+        )
+
+
+class RecordRefused(ZerotrainError):
+    """A metrics record the job can no longer take (it ended); the reporter must not retry."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(job_id, reason)
+        self.job_id = job_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} {self.reason}"

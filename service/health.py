@@ -5,8 +5,11 @@
 
 Exits 0 when the server answers SERVING, 1 otherwise (with the reason on
 stderr), which is what Docker's HEALTHCHECK and Kubernetes' exec probes expect.
-The health service needs no token. Defaults come from the environment:
-``ZEROTRAIN_HEALTH_ADDRESS`` (else ``127.0.0.1:50051``), ``ZEROTRAIN_TLS_CA``
+The health service needs no token. Probe the service's health port
+(``--health-port``, default 50052: plaintext, outside the API's call budget);
+the API port answers health checks too, but user traffic shares its budget.
+Defaults come from the environment:
+``ZEROTRAIN_HEALTH_ADDRESS`` (else ``127.0.0.1:50052``), ``ZEROTRAIN_TLS_CA``
 (a CA bundle: the check then uses TLS, as the server does) and
 ``ZEROTRAIN_HEALTH_SERVER_NAME`` (the name on the server's certificate, when the
 probe dials 127.0.0.1 but the certificate names the service's DNS name).
@@ -24,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["check", "main"]
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_ADDRESS = "127.0.0.1:50052"  # the service's health port (--health-port)
 
 
 def check(

@@ -5,12 +5,19 @@ environment the service gives each job::
 
     ZEROTRAIN_INGEST_ADDRESS   host:port of the service (required)
     ZEROTRAIN_JOB_ID           the job the records belong to (required)
-    ZEROTRAIN_INGEST_TOKEN     the job's ingest token (when the service checks tokens)
+    ZEROTRAIN_INGEST_TOKEN_FILE  a file holding the job's ingest token (what the
+                               service gives its jobs: see service.ingest_token)
+    ZEROTRAIN_INGEST_TOKEN     the token itself (manual runs; never set by the
+                               service, since Ray logs a job's environment)
     ZEROTRAIN_INGEST_CA        PEM file of the CA that signed the service's
                                certificate (turns TLS on)
 
 ``send`` raises on any failure (unreachable service, refused record); the
-reporter buffers and retries, so training never waits on the service.
+reporter buffers and retries what may succeed later (:attr:`IngestError.retryable`)
+and stops for good once the service says the job takes no more records
+(:attr:`IngestError.final`), so training never waits on the service.
+Each call carries the job id as ``zerotrain-job-id`` metadata too, so the
+service checks the token when the call's headers arrive.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import grpc
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from service.auth import JOB_ID_METADATA
 from service.convert import metrics_to_proto
+from service.ingest_token import ENV_TOKEN_FILE, read_token_file
 
 __all__ = ["ENV_ADDRESS", "ENV_CA", "ENV_JOB_ID", "ENV_TOKEN", "GrpcSink", "IngestError"]
 
@@ -58,6 +67,11 @@ class IngestError(RuntimeError):
         """Whether sending the same record again may succeed."""
         return self.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
 
+    @property
+    def final(self) -> bool:
+        """The service takes no more records for this job (it ended): stop sending."""
+        return self.code == "FAILED_PRECONDITION"
+
 
 class GrpcSink:
     """Sends metrics records of one job to the service.
@@ -81,7 +95,9 @@ class GrpcSink:
         if not job_id:
             raise ValueError(f"{ENV_JOB_ID}: must be a job id, got {job_id!r}")
         self.address, self.job_id, self.timeout_s = address, job_id, timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = ((JOB_ID_METADATA, job_id),)
+        if token:
+            self._metadata += (("authorization", f"Bearer {token}"),)
         if ca:
             try:
                 root_ca = Path(ca).read_bytes()
@@ -101,10 +117,13 @@ class GrpcSink:
         address = env.get(ENV_ADDRESS, "")
         if not address:
             return None
+        token = env.get(ENV_TOKEN) or None
+        if env.get(ENV_TOKEN_FILE):
+            token = read_token_file(env[ENV_TOKEN_FILE])
         return cls(
             address,
             env.get(ENV_JOB_ID, ""),
-            token=env.get(ENV_TOKEN) or None,
+            token=token,
             ca=env.get(ENV_CA) or None,
             **kwargs,
         )

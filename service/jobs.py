@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -38,14 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import (
+    AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
     JobFinished,
     PermissionDenied,
     Unschedulable,
 )
+from service.ingest_token import ENV_TOKEN_FILE, remove_token_file, write_token_file
 from service.ray_jobs import RayJobInfo, RayJobs, runtime_entrypoint
-from service.spec import JobSpec, is_custom_task
+from service.records import check_late_record, check_record
+from service.runtime.staging import STAGING_DIR
+from service.spec import JobSpec, SpecError, is_custom_task
 from service.store import (
     TERMINAL_STATES,
     CheckpointInfo,
@@ -74,6 +79,7 @@ logger = logging.getLogger(__name__)
 EntrypointFactory = Callable[[str, str, Path], str]
 
 ERROR_MARKER = "zerotrain: error:"
+NO_METRICS_WARNING = "warning: no metrics record after"
 MAX_REASON_CHARS = 2000
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 _ACTIVE = (JobState.PENDING, JobState.RUNNING)
@@ -106,6 +112,16 @@ class JobManager:
         cluster_lost_after_s: once Ray has been unreachable this long, every
             unfinished job already handed to Ray ends (FAILED, or CANCELLED if a
             cancel was pending) with the reason, instead of staying RUNNING forever.
+        min_cpus_per_worker: this server's floor on ``scaling.cpus_per_worker``
+            (a spec below it is refused, so tiny reservations cannot pile many
+            torch processes onto few CPUs).
+        max_workers_per_job: this server's cap on ``scaling.num_workers``.
+        no_metrics_warning_s: a RUNNING job that has sent no metrics record this
+            long after it started gets a warning event (same state, reason
+            ``warning: ...``), once: its workers may not reach the service.
+        metrics_grace_s: how long after a job ended its ending attempt may still
+            report (its last records race the terminal state); after that, and
+            for anything else, ingestion answers ``RecordRefused``.
     """
 
     def __init__(
@@ -123,6 +139,10 @@ class JobManager:
         entrypoint_factory: EntrypointFactory | None = None,
         final_metrics_grace_s: float = 5.0,
         cluster_lost_after_s: float = 120.0,
+        min_cpus_per_worker: float = 0.5,
+        max_workers_per_job: int = 64,
+        no_metrics_warning_s: float = 300.0,
+        metrics_grace_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -136,6 +156,10 @@ class JobManager:
         self.reconcile_interval_s = reconcile_interval_s
         self.final_metrics_grace_s = final_metrics_grace_s
         self.cluster_lost_after_s = cluster_lost_after_s
+        self.min_cpus_per_worker = min_cpus_per_worker
+        self.max_workers_per_job = max_workers_per_job
+        self.no_metrics_warning_s = no_metrics_warning_s
+        self.metrics_grace_s = metrics_grace_s
         self.reconciliation_errors = 0
         self._unreachable_since: float | None = None
         self._entrypoint = entrypoint_factory or self._runtime_entrypoint
@@ -177,10 +201,11 @@ class JobManager:
     ) -> JobRecord:
         """Accept a job and submit it to Ray.
 
-        A repeated ``idempotency_key`` of the same owner returns the job the
-        first request created (whatever its spec); nothing new is started.
+        A repeated ``idempotency_key`` of the same owner with the same spec
+        returns the job the first request created; nothing new is started.
 
         Raises:
+            AlreadyExists: the key was used before with a different spec.
             PermissionDenied: a custom task while they are disabled.
             Unschedulable: the cluster can never provide the resources asked for.
             ClusterUnavailable: Ray cannot be reached (nothing was stored).
@@ -198,7 +223,7 @@ class JobManager:
                 )
             existing = self.store.find_by_idempotency_key(owner, idempotency_key)
             if existing is not None:
-                return existing
+                return _same_spec_or_raise(existing, spec)
         if is_custom_task(spec.task) and not self.allow_custom_tasks:
             raise PermissionDenied(
                 f"task: custom tasks ({spec.task!r}) run arbitrary code and are disabled on "
@@ -233,7 +258,7 @@ class JobManager:
             raise
         if not created:  # a concurrent request with the same key won
             self._submitting.discard(job_id)
-            return record
+            return _same_spec_or_raise(record, spec)
         self._notify()
         if self.metrics is not None:
             self.metrics.inc_submissions()
@@ -377,19 +402,25 @@ class JobManager:
 
         Appends a ``"metrics"`` event, updates the job's latest metrics, its
         attempt (``record["attempt"]``) and checkpoint (``record.get("checkpoint")``,
-        ``{step, path[, time]}``). A record for a PENDING job moves it to
-        RUNNING; a higher attempt adds a state event for the restart. Records
-        arriving after the job's terminal event update the job but add no event.
+        ``{step, path[, time]}``, a path inside the job's run directory). A
+        record for a PENDING job moves it to RUNNING; a higher attempt adds a
+        state event for the restart. After the job's terminal event only the
+        ending attempt's own records are taken, for ``metrics_grace_s``
+        (:func:`service.records.check_late_record`); they update the job but
+        add no event.
 
         Raises:
             JobNotFound: unknown job.
             InvalidArgument: the record is malformed (each field named).
+            RecordRefused: the job ended and takes no such record (final).
         """
-        attempt, checkpoint = _check_record(job_id, record)
+        attempt, checkpoint = check_record(job_id, record, run_dir=self.run_dir(job_id))
         now = self._clock()
         with self._write_lock:
             job = self.store.get_job(job_id)
             finished = job.state in TERMINAL_STATES
+            if finished:
+                check_late_record(job, record, attempt, now=now, grace_s=self.metrics_grace_s)
             if job.state == JobState.PENDING:
                 self._transition(
                     job_id,
@@ -425,6 +456,7 @@ class JobManager:
     # -- Ray -------------------------------------------------------------
 
     def _check_schedulable(self, spec: JobSpec) -> None:
+        self._check_server_limits(spec)
         try:
             res = self.ray.cluster_resources()
         except Exception as exc:
@@ -458,6 +490,27 @@ class JobManager:
                 + f" ({res.num_nodes} node(s) alive). Ask for fewer resources."
             )
 
+    def _check_server_limits(self, spec: JobSpec) -> None:
+        """This server's settings on a spec's size (not part of the spec shared with clients)."""
+        scaling = spec.scaling
+        errors = []
+        if scaling.cpus_per_worker < self.min_cpus_per_worker:
+            errors.append(
+                f"scaling.cpus_per_worker: must be >= {self.min_cpus_per_worker:g} on this "
+                f"server (its --min-cpus-per-worker), got {scaling.cpus_per_worker:g}"
+            )
+        if scaling.num_workers > self.max_workers_per_job:
+            errors.append(
+                f"scaling.num_workers: must be <= {self.max_workers_per_job} on this server "
+                f"(its --max-workers-per-job), got {scaling.num_workers}"
+            )
+        if errors:
+            raise SpecError(errors)
+
+    def run_dir(self, job_id: str) -> Path:
+        """Where the job's checkpoints and run files live (Ray Train's experiment dir)."""
+        return self.data_dir / "runs" / job_id
+
     def _launch(self, record: JobRecord) -> None:
         """Hand an accepted job to Ray; a failure to do so fails the job.
 
@@ -467,19 +520,23 @@ class JobManager:
         env = {"ZEROTRAIN_JOB_ID": job_id}
         if self.ingest_address:
             env["ZEROTRAIN_INGEST_ADDRESS"] = self.ingest_address
-        if self.ingest_token:
-            token = self.ingest_token
-            env["ZEROTRAIN_INGEST_TOKEN"] = token(job_id) if callable(token) else token
         if self.ingest_ca:
             env["ZEROTRAIN_INGEST_CA"] = self.ingest_ca
         spec_json = json.dumps(record.spec.to_dict(), separators=(",", ":"), sort_keys=True)
         entrypoint = self._entrypoint(job_id, spec_json, self.data_dir / "runs")
         try:
+            if self.ingest_token:
+                token = self.ingest_token
+                # Only the file's path goes to Ray: Ray logs a job's runtime env.
+                path = write_token_file(
+                    self.run_dir(job_id), token(job_id) if callable(token) else token
+                )
+                env[ENV_TOKEN_FILE] = str(path)
             ray_job_id = self.ray.submit(
                 job_id, entrypoint, env=env, metadata={"zerotrain_job_id": job_id}
             )
         except Exception as exc:
-            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)
+            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)  # or its token file
             with self._write_lock:
                 self._submitting.discard(job_id)
                 self._transition(
@@ -536,8 +593,30 @@ class JobManager:
             self._unreachable_since = None
         else:
             self._end_jobs_if_cluster_lost(unreachable)
+        self._warn_about_silent_jobs()
         if self.metrics is not None:
             self.metrics.set_job_states(self.store.count_by_state())
+
+    def _warn_about_silent_jobs(self) -> None:
+        """Give a RUNNING job that never sent a metrics record a warning event, once."""
+        now = self._clock()
+        for record in self.store.jobs_in_states((JobState.RUNNING,)):
+            started = record.started_at
+            if (
+                record.latest_metrics is not None
+                or started is None
+                or now - started < self.no_metrics_warning_s
+                or record.state_reason.startswith(NO_METRICS_WARNING)
+            ):
+                continue
+            self._transition(
+                record.job_id,
+                JobState.RUNNING,
+                f"{NO_METRICS_WARNING} {now - started:.0f} s: still waiting for resources, "
+                "or its workers cannot reach the service (see the job's log for "
+                "ZEROTRAIN_INGEST_* errors)",
+                expect=(JobState.RUNNING,),
+            )
 
     def _end_jobs_if_cluster_lost(self, error: OSError) -> None:
         """After ``cluster_lost_after_s`` without reaching Ray, end its unfinished jobs."""
@@ -710,9 +789,19 @@ class JobManager:
         self._notify()
         if state in TERMINAL_STATES:
             self._succeeded_seen.pop(job_id, None)
+            self._clean_run_dir(job_id)
             if self.metrics is not None:
                 self.metrics.job_finished(job_id)
         return result[0]
+
+    def _clean_run_dir(self, job_id: str) -> None:
+        """An ended job's token file and checkpoint staging leftovers go (Ray has stopped it)."""
+        run_dir = self.run_dir(job_id)
+        try:
+            remove_token_file(run_dir)
+            shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+        except OSError as exc:  # never fails the transition
+            logger.warning("cleaning the run directory of job %s: %s", job_id, exc)
 
     def _notify(self) -> None:
         with self._changed:
@@ -729,44 +818,13 @@ class _Either:
         return any(e.is_set() for e in self._events)
 
 
+def _same_spec_or_raise(existing: JobRecord, spec: JobSpec) -> JobRecord:
+    """The job an idempotency key names, if it was created from ``spec``."""
+    if existing.spec.to_dict() != spec.to_dict():
+        assert existing.idempotency_key is not None
+        raise AlreadyExists(existing.idempotency_key, existing.job_id)
+    return existing
+
+
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
-
-
-def _check_record(job_id: str, record: Any) -> tuple[int, CheckpointInfo | None]:
-    """Validate a metrics record; returns ``(attempt, checkpoint)``."""
-    if not isinstance(record, dict):
-        raise InvalidArgument(f"record: must be a JSON object, got {type(record).__name__}")
-    errors = []
-
-    def integer(name: str, value: Any, minimum: int) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            errors.append(f"record.{name}: must be an integer >= {minimum}, got {value!r}")
-            return False
-        return True
-
-    integer("step", record.get("step"), 0)
-    attempt = record.get("attempt", 1)
-    integer("attempt", attempt, 1)
-    if record.get("job_id") not in (None, job_id):
-        errors.append(f"record.job_id: must be the job's id {job_id!r}, got {record['job_id']!r}")
-    checkpoint = None
-    raw = record.get("checkpoint")
-    if raw is not None:
-        if not isinstance(raw, dict):
-            errors.append(f"record.checkpoint: must be an object, got {type(raw).__name__}")
-        else:
-            ok = integer("checkpoint.step", raw.get("step"), 0)
-            path = raw.get("path")
-            if not isinstance(path, str) or not path:
-                errors.append(f"record.checkpoint.path: must be a non-empty string, got {path!r}")
-                ok = False
-            when = raw.get("time", record.get("time", time.time()))
-            if isinstance(when, bool) or not isinstance(when, int | float):
-                errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
-                ok = False
-            if ok and isinstance(path, str) and isinstance(when, int | float):
-                checkpoint = CheckpointInfo(step=raw["step"], path=path, time=float(when))
-    if errors:
-        raise InvalidArgument("; ".join(errors))
-    return attempt, checkpoint

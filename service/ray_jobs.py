@@ -11,6 +11,12 @@ coexist on one machine. The head runs in its own session: it outlives a
 crashed service, and a restarted service finds it again through the state
 file in the temp dir and re-attaches to the jobs still running there.
 
+The temp dir is private: 0700 and the service user's (a symlink, or a dir or
+state file of another user, is refused rather than trusted), and Ray's own
+files go one level down (``<temp dir>/ray``), because Ray makes its temp dir
+world-writable and its logs world-readable. Our files in it are opened without
+following symlinks.
+
 Ray token auth: a head started here always runs with ``RAY_AUTH_MODE=token``
 and a generated token. Clients pass it as ``Authorization: Bearer <token>``;
 for an existing cluster, :class:`RayJobs` takes the token from its ``token``
@@ -30,6 +36,7 @@ import secrets
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -61,6 +68,8 @@ class _Stoppable(Protocol):
 
 
 _TOKEN_FILE = "auth_token"
+_RAY_SUBDIR = "ray"
+_OWNER_ONLY_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,11 @@ class LocalRay:
     pid: int
     reused: bool = False
 
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's own temp dir (sessions, sockets, logs), inside the private ``temp_dir``."""
+        return self.temp_dir / _RAY_SUBDIR
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop this head and every process it started (never other Ray clusters).
 
@@ -346,6 +360,58 @@ def _ready(address: str, token: str) -> bool:
         return False
 
 
+def _private_dir(path: Path) -> Path:
+    """``path`` as a directory only the service user can enter (created 0700 if missing).
+
+    Raises:
+        RuntimeError: it is a symlink, not a directory, or another user's.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise RuntimeError(f"Ray temp dir {path}: not a plain directory; refusing to use it")
+    if info.st_uid != os.getuid():
+        raise RuntimeError(
+            f"Ray temp dir {path}: belongs to uid {info.st_uid}, not to the service user "
+            f"(uid {os.getuid()}); refusing to use it (remove it, or pick another data dir)"
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _read_state(path: Path) -> dict | None:
+    """The head state file, if present and the service user's own (never through a symlink).
+
+    Raises:
+        RuntimeError: the file is a symlink, another user's, or writable by others.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink
+        raise RuntimeError(f"{path}: cannot be opened safely ({exc.strerror}); refusing it") from None
+    with os.fdopen(fd) as f:
+        info = os.fstat(f.fileno())
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise RuntimeError(
+                f"{path}: owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}, "
+                f"not the service user's (uid {os.getuid()}) alone; refusing to trust it "
+                "(remove it if it is stale)"
+            )
+        try:
+            state = json.load(f)
+            return {"pid": int(state["pid"]), "address": str(state["address"]),
+                    "token": str(state["token"])}  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s: unreadable, starting a new head", path)
+    path.unlink()
+    return None
+
+
 def start_local_ray(
     temp_dir: str | Path,
     *,
@@ -364,11 +430,10 @@ def start_local_ray(
     Returns:
         The head; call :meth:`LocalRay.shutdown` to stop it.
     """
-    temp_dir = Path(temp_dir).resolve()
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = _private_dir(Path(temp_dir).absolute())
     state_path = temp_dir / _STATE_FILE
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
+    state = _read_state(state_path)
+    if state is not None:
         if psutil.pid_exists(state["pid"]) and _reachable(state["address"], state["token"]):
             logger.info("re-attaching to the local Ray head at %s", state["address"])
             return LocalRay(state["address"], state["token"], temp_dir, state["pid"], reused=True)
@@ -376,8 +441,9 @@ def start_local_ray(
 
     token = secrets.token_hex(32)
     token_path = temp_dir / _TOKEN_FILE
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        token_path.unlink()  # never write through a link someone left here
+    with os.fdopen(os.open(token_path, _OWNER_ONLY_CREATE, 0o600), "w") as f:
         f.write(token)
     ports = {
         name: free_port()
@@ -395,7 +461,8 @@ def start_local_ray(
     }
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir / _RAY_SUBDIR}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
         "--disable-usage-stats", f"--object-store-memory={object_store_memory}",
         *(f"--{name}={port}" for name, port in ports.items()),
     ]  # fmt: skip
@@ -406,7 +473,10 @@ def start_local_ray(
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
-    log = open(temp_dir / "head.log", "ab")  # noqa: SIM115 - handed to the child
+    log = os.fdopen(
+        os.open(temp_dir / "head.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                0o600), "ab",
+    )  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -425,8 +495,9 @@ def start_local_ray(
         time.sleep(0.5)
     # Written atomically, owner-only: it holds the token.
     tmp = state_path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with os.fdopen(os.open(tmp, _OWNER_ONLY_CREATE, 0o600), "w") as f:
         json.dump({"pid": proc.pid, "address": address, "token": token}, f)
     os.replace(tmp, state_path)
     logger.info("started a local Ray head at %s (temp dir %s)", address, temp_dir)

@@ -3,7 +3,12 @@
 ``create_server(address, manager, auth=...)`` returns a started server and the
 port it bound, so tests pass ``127.0.0.1:0`` and read the port back. Health
 (``grpc.health.v1.Health``) and reflection need no token, so ``grpc_health_probe``
-and ``grpcurl`` work against it.
+and ``grpcurl`` work against it; probes use the separate health port
+(:mod:`service.health_server`), which no API traffic can starve.
+
+Every call is authenticated and admitted within its budget when its headers
+arrive (:mod:`service.gate`, :mod:`service.admission`), and one connection may
+open at most :data:`MAX_STREAMS_PER_CONNECTION` HTTP/2 streams at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
 import tempfile
 import weakref
@@ -24,19 +28,24 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.admission import Admission, CallLimits
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, AuthInterceptor, TokenFileError, new_ingest_secret
+from service.auth import Authenticator, TokenFileError
 from service.config import ServerConfig
+from service.gate import GateInterceptor
+from service.health_server import create_health_server, status_of
 from service.servicer import JobServicer
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_BYTES",
+    "MAX_STREAMS_PER_CONNECTION",
     "SERVICE_NAME",
     "Service",
     "TlsConfig",
     "create_ingest_server",
     "create_server",
+    "health_status_source",
     "is_loopback",
     "ray_temp_dir",
     "stop_server",
@@ -49,6 +58,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 DEFAULT_MAX_RECEIVE_BYTES = 1 << 20
 #: Largest reply (a ListJobs page of 1000 jobs with their latest metrics fits).
 DEFAULT_MAX_SEND_BYTES = 64 << 20
+#: HTTP/2 streams (concurrent rpcs) one client connection may have open; more are
+#: refused by the HTTP/2 layer itself, before any thread or budget is involved.
+MAX_STREAMS_PER_CONNECTION = 32
 
 
 @dataclass(frozen=True)
@@ -115,7 +127,7 @@ def create_server(
     auth: Authenticator,
     tls: TlsConfig | None = None,
     metrics: Any | None = None,
-    max_workers: int = 128,
+    limits: CallLimits | None = None,
     max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     max_send_message_bytes: int = DEFAULT_MAX_SEND_BYTES,
 ) -> tuple[grpc.Server, int]:
@@ -123,8 +135,9 @@ def create_server(
 
     ``manager`` is a :class:`service.jobs.JobManager`; ``metrics`` an optional
     :class:`service.metrics.ServiceMetrics` (every rpc counted and timed).
-    Streaming rpcs hold a worker thread each, so ``max_workers`` bounds the
-    concurrent watchers plus unary calls. With authentication disabled the
+    Every rpc holds a server thread while in flight (a stream for as long as it
+    is open); ``limits`` shares the threads out per kind of call and per
+    principal (:mod:`service.admission`). With authentication disabled the
     address must be loopback. Stop it with :func:`stop_server`.
     """
     if not auth.enabled and not is_loopback(address):
@@ -137,18 +150,18 @@ def create_server(
         from service.metrics import MetricsInterceptor  # prometheus only when metrics are on
 
         interceptors.append(MetricsInterceptor(metrics))
-    interceptors.append(AuthInterceptor(auth))
+    admission = Admission(limits)
+    interceptors.append(GateInterceptor(auth, admission))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=admission.limits.threads, thread_name_prefix="grpc"
+        ),
         interceptors=interceptors,
-        # Beyond this many concurrent rpcs (each stream holds a thread) new calls get
-        # RESOURCE_EXHAUSTED at once instead of queueing behind long-lived streams.
-        maximum_concurrent_rpcs=max_workers,
-        options=[
-            ("grpc.max_receive_message_length", max_receive_message_bytes),
-            ("grpc.max_send_message_length", max_send_message_bytes),
-            ("grpc.so_reuseport", 0),  # port 0 must mean a port nobody else holds
-        ],
+        # No gRPC-wide cap: the gate admits calls at their headers and refuses the rest
+        # at once, per kind and principal; a cap here would refuse calls after the gate
+        # admitted them, and their budget would never be released.
+        maximum_concurrent_rpcs=None,
+        options=_options(max_receive_message_bytes, max_send_message_bytes),
     )
     servicer = JobServicer(manager, auth)
     pb_grpc.add_JobServiceServicer_to_server(servicer, server)
@@ -184,7 +197,7 @@ def create_ingest_server(
     auth: Authenticator,
     tls: TlsConfig | None = None,
     metrics: Any | None = None,
-    max_workers: int = 16,
+    limits: CallLimits | None = None,
 ) -> tuple[grpc.Server, int]:
     """A second, started server that exposes only ``JobService/ReportMetrics``.
 
@@ -208,14 +221,15 @@ def create_ingest_server(
         from service.metrics import MetricsInterceptor
 
         interceptors.append(MetricsInterceptor(metrics))
+    admission = Admission(limits)
+    interceptors.append(GateInterceptor(auth, admission))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-ingest"),
+        futures.ThreadPoolExecutor(
+            max_workers=admission.limits.threads, thread_name_prefix="grpc-ingest"
+        ),
         interceptors=interceptors,
-        maximum_concurrent_rpcs=max_workers,
-        options=[
-            ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
+        maximum_concurrent_rpcs=None,  # the gate's budgets instead (see create_server)
+        options=_options(DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_MAX_SEND_BYTES),
     )
     server.add_generic_rpc_handlers((handler,))
     _PARTS[server] = _ServerParts(servicer, None)
@@ -229,6 +243,22 @@ def create_ingest_server(
     server.start()
     log.info("metrics ingestion (ReportMetrics only) listening on %s (port %d)", address, port)
     return server, port
+
+
+def _options(max_receive: int, max_send: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_receive),
+        ("grpc.max_send_message_length", max_send),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.so_reuseport", 0),  # port 0 must mean a port nobody else holds
+    ]
+
+
+def health_status_source(server: grpc.Server) -> Any:
+    """A function giving ``server``'s overall health status (for the health port)."""
+    parts = _PARTS[server]
+    assert parts.health is not None, "an ingest-only server has no health service"
+    return status_of(parts.health)
 
 
 def stop_server(server: grpc.Server, grace: float = 5.0) -> None:
@@ -263,6 +293,7 @@ class Service:
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self.ray_address: str | None = None
         self._auth: Authenticator | None = None
         self._closers: list[Any] = []
@@ -283,28 +314,36 @@ class Service:
         return self
 
     def _start(self) -> None:
+        from service.datadir import (
+            load_or_create_secret,
+            open_store,
+            prepare_data_dir,
+            warn_if_exposed,
+        )
         from service.jobs import JobManager
         from service.metrics import ServiceMetrics
         from service.ray_jobs import RayJobs, start_local_ray
-        from service.store import JobStore
 
         config = self.config
-        data_dir = Path(config.data_dir).expanduser().resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = prepare_data_dir(Path(config.data_dir).resolve())
+        # First, before anything else starts: a store that lost its jobs stops us here.
+        store = open_store(data_dir, reinitialize=config.reinitialize_store)
+        self._closers.append(store.close)
         if config.insecure_no_auth:
             auth = Authenticator(None)
         else:
             assert config.tokens_file is not None  # ServerConfig guarantees it
             # The ingest secret outlives restarts: running jobs keep valid tokens.
-            secret = _load_or_create_secret(data_dir / "ingest.secret")
+            secret = load_or_create_secret(data_dir / "ingest.secret")
             auth = Authenticator.from_file(config.tokens_file, ingest_secret=secret)
+            warn_if_exposed(config.tokens_file)
         self._auth = auth
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = TlsConfig.from_files(config.tls_cert, config.tls_key, config.tls_client_ca)
-
-        store = JobStore(data_dir / "jobs.db")
-        self._closers.append(store.close)
+        ingest_ca = (config.ingest_ca or config.tls_cert) if tls is not None else None
+        if ingest_ca is not None and not ingest_ca.is_file():
+            raise ValueError(f"ingest CA {ingest_ca}: no such file (workers verify TLS with it)")
 
         if config.ray_address:
             ray = RayJobs(config.ray_address)
@@ -331,14 +370,31 @@ class Service:
             ingest_address=config.ingest_address or None,
             # Workers authenticate their ingestion calls with their job's own token.
             ingest_token=auth.ingest_token_for if auth.enabled else None,
-            ingest_ca=str(config.ingest_ca or config.tls_cert) if tls is not None else None,
+            ingest_ca=str(ingest_ca) if ingest_ca is not None else None,
             metrics=metrics,
+            min_cpus_per_worker=config.min_cpus_per_worker,
+            max_workers_per_job=config.max_workers_per_job,
+            metrics_grace_s=config.metrics_grace_s,
+            no_metrics_warning_s=config.no_metrics_warning_s,
         )
         self.manager = manager
         self._closers.append(manager.stop)  # after the server below has stopped
-        self.server, self.port = create_server(
-            config.address, manager, auth=auth, tls=tls, metrics=metrics
+        limits = CallLimits(
+            max_streams_per_principal=config.max_streams_per_principal,
+            max_streams=config.max_streams,
+            max_calls_per_principal=config.max_calls_per_principal,
+            max_calls=max(48, config.max_calls_per_principal),
         )
+        self.server, self.port = create_server(
+            config.address, manager, auth=auth, tls=tls, metrics=metrics, limits=limits
+        )
+        if config.health_port >= 0:
+            host = config.address.rsplit(":", 1)[0]
+            health_server, self.health_port = create_health_server(
+                f"{host}:{config.health_port}", health_status_source(self.server)
+            )
+            # Stopped after the API server: probes see NOT_SERVING while it drains.
+            self._closers.append(lambda: health_server.stop(0.5).wait())
         # Stopped first: open watch streams end with UNAVAILABLE, so clients resume elsewhere.
         self._closers.append(lambda: stop_server(self.server, 2.0))  # type: ignore[arg-type]
         ingest_port = self.port
@@ -363,6 +419,9 @@ class Service:
             log.error("tokens file not reloaded, keeping the current tokens: %s", exc)
             return
         log.info("reloaded %d token(s) from %s", count, self.config.tokens_file)
+        from service.datadir import warn_if_exposed
+
+        warn_if_exposed(self.config.tokens_file)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and release everything (idempotent)."""
@@ -389,21 +448,3 @@ def _advertised(listen: str, port: int) -> str:
     if host.strip("[]") in {"0.0.0.0", "::", ""}:
         host = socket.gethostname()  # a wildcard bind: the machine's name
     return f"{host}:{port}"
-
-
-def _load_or_create_secret(path: Path) -> bytes:
-    """Read the 32-byte secret at ``path``, creating it (mode 0600, atomically) if missing."""
-    if path.exists():
-        secret = path.read_bytes()
-        if len(secret) != 32:
-            raise ValueError(f"{path}: corrupt ingest secret (expected 32 bytes); delete it")
-        return secret
-    secret = new_ingest_secret()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return secret

@@ -1,6 +1,6 @@
 """The ``zerotrain.v1.JobService`` servicer: convert, call the job manager, reply.
 
-Each rpc authenticates the caller (the :class:`~service.auth.AuthInterceptor`
+Each rpc authenticates the caller (the :class:`~service.gate.GateInterceptor`
 has already refused unknown tokens), converts the request with
 :mod:`service.convert`, checks ownership (a principal may only see and cancel
 its own jobs, an admin all), calls :class:`service.jobs.JobManager` and builds
@@ -17,6 +17,8 @@ error                  status               message
 ``Unschedulable``      FAILED_PRECONDITION  why the cluster can never run it
 ``PermissionDenied``   PERMISSION_DENIED    what was refused
 ``ClusterUnavailable`` UNAVAILABLE          Ray cannot be reached (retry later)
+``AlreadyExists``      ALREADY_EXISTS       the idempotency key's job (other spec)
+``RecordRefused``      FAILED_PRECONDITION  a late metrics record (the job ended)
 anything else          INTERNAL             "internal error" (details in the log)
 =====================  ===================  ==========================================
 """
@@ -40,11 +42,13 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
 from service.errors import (
+    AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
     JobFinished,
     JobNotFound,
     PermissionDenied,
+    RecordRefused,
     SpecError,
     Unschedulable,
 )
@@ -290,6 +294,8 @@ _STATUS_OF_ERROR = (
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ClusterUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (RecordRefused, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

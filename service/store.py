@@ -55,6 +55,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 DEFAULT_MAX_METRICS_EVENTS = 10_000
 MAX_PAGE_SIZE = 1000
+_MAX_SEQ = 2**63 - 1
 
 
 class JobState(enum.StrEnum):
@@ -195,6 +196,8 @@ def _decode_token(token: str) -> int:
         data = json.loads(raw)
         after = data["after"]
         if data.get("v") != 1 or not isinstance(after, int) or isinstance(after, bool):
+            raise ValueError
+        if not 0 <= after <= _MAX_SEQ:  # SQLite integers are signed 64-bit
             raise ValueError
         return after
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError) as exc:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SampleStream"]
+from service.seeds import epoch_seed
 
-_EPOCH_STREAM = 1_000  # generator stream ids for data, separate from model init (stream 1)
+__all__ = ["SampleStream"]
 
 
 class SampleStream:
@@ -32,7 +32,7 @@ class SampleStream:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator()
-            g.manual_seed((self.seed * 1_000_003 + _EPOCH_STREAM + epoch) % (2**63 - 1))
+            g.manual_seed(epoch_seed(self.seed, epoch))
             self._perm = torch.randperm(self.num_samples, generator=g)
             self._epoch = epoch
         return self._perm

@@ -89,8 +89,11 @@ class BufferedReporter(Reporter):
     ``emit`` only appends to a deque (``capacity`` records; when full the oldest
     is dropped and ``dropped`` counts it). A failing ``send`` is retried with
     exponential backoff from ``retry_initial_s`` up to ``retry_max_s``; the
-    record stays at the head of the buffer meanwhile. ``close`` waits at most
-    ``close_timeout_s`` for the buffer to drain.
+    record stays at the head of the buffer meanwhile. An error that says a
+    retry cannot help (``retryable`` false, e.g. a refused record) drops that
+    record (``rejected``); one that says the sink takes nothing more (``final``
+    true: the service ended the job) stops delivery for good. ``close`` waits
+    at most ``close_timeout_s`` for the buffer to drain.
     """
 
     def __init__(
@@ -115,6 +118,10 @@ class BufferedReporter(Reporter):
         """Records delivered."""
         self.failures = 0
         """Failed ``send`` attempts."""
+        self.rejected = 0
+        """Records dropped because the sink refused them for good."""
+        self.finished = False
+        """The sink said it takes no more records; nothing is sent any more."""
         self._buffer: deque[dict] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -123,7 +130,7 @@ class BufferedReporter(Reporter):
 
     def emit(self, record: dict) -> None:
         with self._cond:
-            if self._closing:
+            if self._closing or self.finished:
                 return
             if len(self._buffer) >= self.capacity:
                 self._buffer.popleft()
@@ -164,8 +171,13 @@ class BufferedReporter(Reporter):
                 record = self._buffer[0]
             try:
                 self.sink.send(record)
-            except Exception as exc:  # any sink error means "retry later"
+            except Exception as exc:
                 self.failures += 1
+                if getattr(exc, "final", False) or getattr(exc, "retryable", True) is False:
+                    self._give_up(record, exc)
+                    if self.finished:
+                        return
+                    continue
                 if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
                     log.warning("metrics sink failed (%d failures so far): %s", self.failures, exc)
                 with self._cond:
@@ -181,6 +193,23 @@ class BufferedReporter(Reporter):
                     self._buffer.popleft()
                 self.sent += 1
                 self._cond.notify_all()
+
+
+    def _give_up(self, record: dict, exc: Exception) -> None:
+        """Drop ``record`` (and, after a final error, everything) without retrying."""
+        with self._cond:
+            if getattr(exc, "final", False):
+                self.finished = True
+                self.rejected += len(self._buffer)
+                self._buffer.clear()
+            elif self._buffer and self._buffer[0] is record:
+                self._buffer.popleft()
+                self.rejected += 1
+            self._cond.notify_all()
+        log.warning(
+            "metrics record%s refused, not retried: %s",
+            "s from now on" if self.finished else "", exc,
+        )  # fmt: skip
 
 
 class MultiReporter(Reporter):
@@ -208,8 +237,9 @@ def make_reporter(
     environ: Mapping[str, str] | None = None, *, metrics_file: str | None = None
 ) -> Reporter:
     """The reporter for this process: stdout always; the service's ingestion rpc when
-    ``ZEROTRAIN_INGEST_ADDRESS`` and ``ZEROTRAIN_JOB_ID`` are set (``ZEROTRAIN_INGEST_TOKEN``
-    and ``ZEROTRAIN_INGEST_CA`` optional); a JSON-lines file when ``metrics_file`` is given.
+    ``ZEROTRAIN_INGEST_ADDRESS`` and ``ZEROTRAIN_JOB_ID`` are set (``ZEROTRAIN_INGEST_TOKEN_FILE``
+    or ``ZEROTRAIN_INGEST_TOKEN``, and ``ZEROTRAIN_INGEST_CA``, optional); a JSON-lines file
+    when ``metrics_file`` is given.
     """
     env = os.environ if environ is None else environ
     reporters: list[Reporter] = [StdoutReporter()]
@@ -218,12 +248,8 @@ def make_reporter(
         try:
             from service.ingest_client import GrpcSink  # lazy: gRPC only when a service is used
 
-            sink = GrpcSink(
-                address,
-                job_id,
-                token=env.get("ZEROTRAIN_INGEST_TOKEN") or None,
-                ca=env.get("ZEROTRAIN_INGEST_CA") or None,
-            )
+            sink = GrpcSink.from_env(env)
+            assert sink is not None  # the address is set
             reporters.append(BufferedReporter(sink))
         except Exception as exc:  # no ingestion beats no training
             log.warning("metrics ingestion to %s disabled: %s", address, exc)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import socket
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
 from service.runtime.phase_clock import PhaseClock
 from service.runtime.reporter import Reporter, make_reporter
+from service.runtime.staging import clean_stale_staging, staged_checkpoint
+from service.seeds import resume_seed, worker_seed
 from service.spec import JobSpec, TrainingSpec
 from service.tasks import get_task
 
@@ -83,6 +84,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     files = RunFiles.from_train_context()
     attempt = _broadcast(files.next_attempt() if rank == 0 else None)
+    if rank == 0:
+        clean_stale_staging(str(config.get("storage", "")), attempt)
     files.write_worker(attempt, rank, {"host": socket.gethostname(), "world_size": world})
 
     task = get_task(spec.task, allow_custom=config.get("allow_custom_tasks", False)).build(
@@ -105,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step, position = meta["step"], meta["position"]
     else:
         engine = make_engine(model, spec, world_size=world)
-        torch.manual_seed(spec.training.seed * 1_000_003 + rank)
+        torch.manual_seed(worker_seed(spec.training.seed, rank))
 
     reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
     if rank == 0:
@@ -277,12 +280,12 @@ def _save_checkpoint(
     position: int,
     attempt: int,
 ) -> dict[str, Any]:
-    """Write this rank's part into a local dir and report it; Train V2 merges the rank dirs."""
+    """Write this rank's part into a staging dir in the run directory and report it;
+    Train V2 merges the rank dirs into the checkpoint."""
     import ray.train
 
     name = f"checkpoint_{step:08d}"
-    with tempfile.TemporaryDirectory(prefix=f"zt-{name}-") as tmp:
-        directory = Path(tmp)
+    with staged_checkpoint(str(config.get("storage", "")), attempt, rank, name) as directory:
         engine.save(directory)
         rng_dir = directory / "rng"
         rng_dir.mkdir(exist_ok=True)
@@ -303,7 +306,7 @@ def _save_checkpoint(
         _write_checksums(directory, rank)
         ray.train.report(
             {"step": step},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
         )
     storage = str(config.get("storage", "")).rstrip("/")
@@ -390,7 +393,7 @@ def _load_rng(directory: Path, rank: int, world: int, meta: dict[str, Any], spec
             torch.cuda.set_rng_state(state["cuda"])
         return
     # Another world size: derive a fresh, still deterministic, per-rank stream.
-    torch.manual_seed(spec.training.seed * 1_000_003 + rank + 7919 * meta["step"])
+    torch.manual_seed(resume_seed(spec.training.seed, rank, meta["step"]))
 
 
 def _device(spec: JobSpec) -> torch.device:

@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from service.seeds import derive_seed
+
 __all__ = ["Dataset", "Task", "TensorDataset", "init_module", "seeded_generator"]
 
 
@@ -66,7 +68,7 @@ class Task:
 def seeded_generator(seed: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for ``(seed, stream)``: model init and data use separate streams."""
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + stream) % (2**63 - 1))
+    g.manual_seed(derive_seed(seed, stream))
     return g
 
 

@@ -123,6 +123,7 @@ def test_serve_flags_are_the_services_real_flags():
         parsed = build_parser().parse_args(args)  # argparse exits on an unknown flag
         config = config_from_args(parsed, env={})
         assert config.address == "0.0.0.0:50051", where
+        assert config.health_port == 50052, where
         assert config.metrics_port == 9464, where
         assert str(config.data_dir) == "/data", where
         assert config.tokens_file is not None, where
@@ -133,4 +134,9 @@ def test_health_checks_fit_each_container():
     assert SERVICES["ray-head"]["healthcheck"]["test"][:2] == ["CMD", "ray"]
     assert SERVICES["ray-worker"]["healthcheck"] == {"disable": True}
     assert "healthcheck" not in SERVICES["zerotrain"]  # the image's own gRPC health probe
+    # ... which asks the health port the service listens on, not the API port.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (probe_address,) = re.findall(r"ZEROTRAIN_HEALTH_ADDRESS=(\S+)", dockerfile)
+    assert probe_address == f"127.0.0.1:{_flags(SERVICES['zerotrain']['command'])['health-port']}"
+    assert "50052" in dockerfile.split("EXPOSE", 1)[1].splitlines()[0]
     assert SERVICES["zerotrain"]["depends_on"]["ray-head"]["condition"] == "service_healthy"

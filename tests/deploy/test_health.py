@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from concurrent import futures
 
 import grpc
@@ -123,4 +124,65 @@ def test_tls_server_checked_with_its_certificate_name(tmp_path, capsys):
         # And a plaintext probe cannot talk to a TLS server.
         assert main(["--address", address, "--timeout", "3"]) == 1
     finally:
+        server.stop(None)
+
+
+# ------------------------------------------------------- the service's health port
+def test_probe_against_the_services_health_port(capsys):
+    """The image's HEALTHCHECK default (ZEROTRAIN_HEALTH_ADDRESS) talks to this server."""
+    from service.health_server import create_health_server
+
+    status = {"value": health_pb2.HealthCheckResponse.SERVING}
+    server, port = create_health_server("127.0.0.1:0", lambda: status["value"])
+    try:
+        assert main(["--address", f"127.0.0.1:{port}"]) == 0
+        status["value"] = health_pb2.HealthCheckResponse.NOT_SERVING  # draining on shutdown
+        assert main(["--address", f"127.0.0.1:{port}"]) == 1
+        assert "NOT_SERVING" in capsys.readouterr().err
+    finally:
+        server.stop(None)
+
+
+def test_health_port_answers_without_waiting_for_the_request():
+    """A probe's answer never waits for a request body, so bodiless calls hold nothing:
+    100 of them on open connections, then a real probe still gets SERVING at once."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from service.health_server import create_health_server
+
+    server, port = create_health_server(
+        "127.0.0.1:0", lambda: health_pb2.HealthCheckResponse.SERVING
+    )
+    sockets = []
+    try:
+        answered = 0
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sockets.append(sock)
+            conn = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+            )
+            conn.initiate_connection()
+            headers = [(":method", "POST"), (":scheme", "http"),
+                       (":path", "/grpc.health.v1.Health/Check"), (":authority", "x"),
+                       ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+            for _ in range(10):
+                conn.send_headers(conn.get_next_available_stream_id(), headers)
+            sock.sendall(conn.data_to_send())
+            deadline = time.monotonic() + 5
+            done: set[int] = set()
+            while len(done) < 10 and time.monotonic() < deadline:
+                for event in conn.receive_data(sock.recv(65536)):
+                    if isinstance(event, h2.events.TrailersReceived):
+                        assert dict(event.headers)["grpc-status"] == "0"
+                        done.add(event.stream_id)
+                sock.sendall(conn.data_to_send())
+            answered += len(done)
+        assert answered == 100
+        assert main(["--address", f"127.0.0.1:{port}", "--timeout", "2"]) == 0
+    finally:
+        for sock in sockets:
+            sock.close()
         server.stop(None)

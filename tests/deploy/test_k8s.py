@@ -120,8 +120,11 @@ def test_service_points_at_the_ray_head_and_exposes_metrics():
     assert (
         deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     )
-    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    # Probes go to the health port, never the API port whose budget users share.
+    assert int(args["health-port"]) == ports["health"] != ports["grpc"]
+    assert container["readinessProbe"]["grpc"]["port"] == ports["health"]
+    assert container["livenessProbe"]["grpc"]["port"] == ports["health"]
+    assert "health" not in {p["name"] for p in service["spec"]["ports"]}
 
 
 def test_monitors_select_the_right_targets():

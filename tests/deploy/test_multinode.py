@@ -89,6 +89,7 @@ def test_spread_job_through_the_service_runs_one_worker_per_node(
         ServerConfig(
             address="127.0.0.1:0",
             metrics_port=-1,
+            health_port=0,  # any free port: never another service's
             data_dir=tmp_path / "data",
             ray_address=two_node_cluster.dashboard_url,
             tokens_file=tokens,

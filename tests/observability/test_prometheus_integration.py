@@ -134,6 +134,7 @@ def test_every_dashboard_query_returns_data(prometheus_bin, promtool, tmp_path: 
         ServerConfig(
             address="127.0.0.1:0",
             metrics_port=0,
+            health_port=0,  # any free port: never another service's
             data_dir=tmp_path / "data",
             ray_num_cpus=4,
             tokens_file=tokens,

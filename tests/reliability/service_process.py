@@ -58,6 +58,7 @@ class ServiceProcess:
             sys.executable, "-m", "service", "serve",
             "--address", f"127.0.0.1:{self.port}",
             "--metrics-port", str(self.metrics_port),
+            "--health-port", "0",
             "--data-dir", str(data_dir),
             "--ray-address", ray_address,
             "--tokens-file", str(tokens_file),

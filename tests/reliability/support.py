@@ -23,10 +23,11 @@ from prometheus_client import CollectorRegistry
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
+from service.health_server import create_health_server
 from service.jobs import JobManager
 from service.metrics import ServiceMetrics
 from service.ray_jobs import LocalRay, RayJobs
-from service.server import create_server, stop_server
+from service.server import create_server, health_status_source, stop_server
 from service.store import JobRecord, JobState, JobStore
 
 __all__ = [
@@ -76,6 +77,7 @@ class Served:
     manager: JobManager
     auth: Authenticator
     metrics: ServiceMetrics
+    health_port: int
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(
@@ -119,13 +121,17 @@ def serve_manager(
         **(manager_options or {}),
     )
     server, port = create_server("127.0.0.1:0", manager, auth=auth, metrics=metrics, **server_kwargs)
+    health_server, health_port = create_health_server(
+        "127.0.0.1:0", health_status_source(server)
+    )
     manager.ingest_address = f"127.0.0.1:{port}"
     if start and ray is not None:
         manager.start()
     try:
-        yield Served(port, manager, auth, metrics)
+        yield Served(port, manager, auth, metrics, health_port)
     finally:
         stop_server(server, grace=0.5)
+        health_server.stop(0).wait()
         manager.stop()
         store.close()
 

@@ -14,6 +14,8 @@ start workers. Properties, for every generated request:
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import subprocess
 import sys
@@ -28,10 +30,10 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service import cli
+from service import cli, convert
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.spec import JobSpec, SpecError
-from service.store import JobState
+from service.store import TERMINAL_STATES, JobState
 
 from .support import (
     Served,
@@ -61,6 +63,7 @@ SUBMIT_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION,  # the cluster can never run it
     grpc.StatusCode.PERMISSION_DENIED,  # a custom task while they are disabled
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # an oversized message
+    grpc.StatusCode.ALREADY_EXISTS,  # an idempotency key reused with another spec
 }
 JOB_CODES = {
     grpc.StatusCode.OK,
@@ -77,7 +80,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self.expected: set[str] = set()
-        self.by_key: dict[str, str] = {}
+        self.by_key: dict[str, tuple[str, dict]] = {}  # key -> (job id, its spec)
         self.statuses: dict[str, dict[str, int]] = {}
         self.examples = 0
 
@@ -223,17 +226,21 @@ def test_submit_job_fuzz(fuzz_server: tuple[Served, Ledger], spec: pb.JobSpec, k
     ledger.saw("SubmitJob", code)
     _after(served, "SubmitJob", code, details, SUBMIT_CODES)
     after = store_ids(served.manager.store)
+    if code == grpc.StatusCode.ALREADY_EXISTS:  # only for a known key with another spec
+        first_id, first_spec = ledger.by_key[key]
+        assert first_id in details and convert.spec_from_proto(spec).to_dict() != first_spec
     if code != grpc.StatusCode.OK:
         assert after == before, f"a refused submit ({code.name}) changed the store"
         return
     assert job.owner == "alice" and job.job_id in after
     if key and key in ledger.by_key:
-        assert job.job_id == ledger.by_key[key], "a repeated idempotency key made a second job"
+        assert job.job_id == ledger.by_key[key][0], "a repeated idempotency key made a second job"
+        assert convert.spec_from_proto(job.spec).to_dict() == ledger.by_key[key][1]
         assert after == before
     else:
         assert after == before | {job.job_id}
     if key:
-        ledger.by_key[key] = job.job_id
+        ledger.by_key[key] = (job.job_id, convert.spec_from_proto(job.spec).to_dict())
     ledger.expected.add(job.job_id)
 
 
@@ -304,12 +311,22 @@ def test_watch_job_fuzz(
                         grpc.StatusCode.PERMISSION_DENIED)  # fmt: skip
 
 
+def _page_token(after: int) -> str:
+    """A page token in the store's own format, for any position."""
+    raw = json.dumps({"v": 1, "after": after}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 @FUZZ
 @given(
     state=ENUMS,
     labels=st.dictionaries(_texts(), _texts(), max_size=3),
     page_size=INTS32,
-    page_token=st.one_of(st.just(""), _texts(), st.binary(max_size=40).map(lambda b: b.hex())),
+    page_token=st.one_of(
+        st.just(""), _texts(), st.binary(max_size=40).map(lambda b: b.hex()),
+        # Well-formed tokens whose position SQLite cannot hold (was INTERNAL: OverflowError).
+        st.one_of(st.integers(2**63, 2**200), st.integers(-(2**200), -1)).map(_page_token),
+    ),
     owner=st.one_of(st.just(""), st.sampled_from(["alice", "bob"]), _texts()),
     who=st.sampled_from(["alice", "root"]),
 )
@@ -379,8 +396,11 @@ def test_report_metrics_fuzz(
             setattr(record, name, value)
     if token == "ingest":
         metadata = (("authorization", f"Bearer {served.auth.ingest_token_for(job_id)}"),)
+        if job_id.isascii() and job_id.isprintable() and len(job_id) < 1000:  # a legal header
+            metadata += (("zerotrain-job-id", job_id),)
     elif token == "ingest-other":
-        metadata = (("authorization", f"Bearer {served.auth.ingest_token_for('j-other')}"),)
+        metadata = (("authorization", f"Bearer {served.auth.ingest_token_for('j-other')}"),
+                    ("zerotrain-job-id", "j-other"))  # fmt: skip
     else:
         metadata = bearer(token)
     before = store_ids(served.manager.store)
@@ -399,6 +419,100 @@ def test_report_metrics_fuzz(
     if token in (None, "alice", "ingest-other"):
         assert code != grpc.StatusCode.OK, "metrics accepted without the job's ingest token"
     assert store_ids(served.manager.store) == before
+
+
+# ------------------------------------------------------------ malformed messages
+METHODS = ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "StreamLogs",
+           "ReportMetrics")  # fmt: skip
+DESERIALIZING = "Exception deserializing request!"  # grpc-python's own answer
+
+
+def _raw_call(served: Served, method: str, payload: bytes, who: str | None) -> tuple:
+    """Send ``payload`` as the request of ``method`` byte for byte (no serializer)."""
+    with served.channel() as channel:
+        path = f"/zerotrain.v1.JobService/{method}"
+        streaming = method in ("WatchJob", "StreamLogs")
+        call = channel.unary_stream(path) if streaming else channel.unary_unary(path)
+        try:
+            reply = call(payload, metadata=bearer(who), timeout=RPC_TIMEOUT_S)
+            if streaming:
+                list(reply)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(METHODS),
+    # Wire type 7 does not exist: whatever follows, this is never a valid message.
+    payload=st.binary(max_size=300).map(lambda b: b"\x0f" + b),
+    who=st.sampled_from(["alice", "root", None]),
+)
+def test_malformed_protobuf_changes_nothing(
+    fuzz_server: tuple[Served, Ledger], method: str, payload: bytes, who: str | None
+) -> None:
+    """grpc-python answers INTERNAL "Exception deserializing request!" before any handler
+    runs (documented in RELIABILITY.md); unauthenticated, the call is refused first."""
+    served, ledger = fuzz_server
+    before = _store_snapshot(served)
+    code, details = _raw_call(served, method, payload, who)
+    ledger.saw(f"malformed {method}", code)
+    if who is None and method != "ReportMetrics":
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+    else:
+        assert (code, details) in (
+            (grpc.StatusCode.INTERNAL, DESERIALIZING),
+            (grpc.StatusCode.UNAUTHENTICATED, details),  # ReportMetrics without a job token
+        ), (code, details)
+    assert health_status(served.port) == SERVING
+    assert _store_snapshot(served) == before
+
+
+def test_task_args_nested_60_deep_changes_nothing(fuzz_server: tuple[Served, Ledger]) -> None:
+    """A Struct 60 levels deep is ~180 messages deep: past protobuf's recursion limit.
+
+    protobuf itself will not build such a message, so its bytes are written here
+    field by field (every field is length-delimited: wire type 2)."""
+    served, ledger = fuzz_server
+
+    def field(number: int, payload: bytes) -> bytes:
+        length, size = b"", len(payload)
+        while True:  # varint
+            byte, size = size & 0x7F, size >> 7
+            length += bytes([byte | (0x80 if size else 0)])
+            if not size:
+                break
+        return bytes([number << 3 | 2]) + length + payload
+
+    def request(depth: int) -> bytes:
+        struct = b""
+        for _ in range(depth):  # Struct{fields: {"a": Value{struct_value: struct}}}
+            struct = field(1, field(1, b"a") + field(2, field(5, struct)))
+        spec = field(1, b"deep") + field(2, b"regression") + field(3, struct)  # JobSpec
+        return field(1, spec)  # SubmitJobRequest.spec
+
+    shallow = pb.SubmitJobRequest.FromString(request(3))  # the encoding itself is right
+    assert shallow.spec.task_args.fields["a"].struct_value.fields["a"].HasField("struct_value")
+    payload = request(60)
+    before = _store_snapshot(served)
+    for who in ("alice", None):
+        code, details = _raw_call(served, "SubmitJob", payload, who)
+        ledger.saw("SubmitJob (60-deep task_args)", code)
+        expected = grpc.StatusCode.INTERNAL if who else grpc.StatusCode.UNAUTHENTICATED
+        assert code == expected, (code, details)
+        if who:
+            assert details == DESERIALIZING
+        assert health_status(served.port) == SERVING
+    assert _store_snapshot(served) == before
+
+
+def _store_snapshot(served: Served) -> tuple:
+    """Every job id, and every finished job's event count (the reconciler moves the rest)."""
+    store = served.manager.store
+    ids = store_ids(store)
+    finished = [i for i in ids if store.get_job(i).state in TERMINAL_STATES]
+    return ids, sorted((i, store.last_sequence(i)) for i in finished)
 
 
 # ------------------------------------------------------------------------ CLI

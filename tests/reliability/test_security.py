@@ -133,9 +133,12 @@ def test_principals_see_and_cancel_only_their_own_jobs(served: Served) -> None:
         assert code == grpc.StatusCode.NOT_FOUND
     # The ingest token of one job cannot report for another.
     token = served.auth.ingest_token_for("j-alice-2")
-    code, _ = _code(stub, *_requests("j-alice")[-1], (("authorization", f"Bearer {token}"),))
-    assert code == grpc.StatusCode.UNAUTHENTICATED
-    code, _ = _code(stub, *_requests("j-alice-2")[-1], (("authorization", f"Bearer {token}"),))
+    for claimed in ("j-alice", "j-alice-2"):  # the job named in the headers, or not
+        metadata = (("authorization", f"Bearer {token}"), ("zerotrain-job-id", claimed))
+        code, _ = _code(stub, *_requests("j-alice")[-1], metadata)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    metadata = (("authorization", f"Bearer {token}"), ("zerotrain-job-id", "j-alice-2"))
+    code, _ = _code(stub, *_requests("j-alice-2")[-1], metadata)
     assert code == grpc.StatusCode.OK
     # The owner and an admin may; the admin sees everyone's jobs.
     assert stub.GetJob(pb.GetJobRequest(job_id="j-alice"), metadata=bearer("alice")).owner == "alice"
@@ -210,7 +213,7 @@ def test_tokens_never_appear_in_logs_or_error_messages(tmp_path: Path) -> None:
         stub = s.stub()
         ingest = s.auth.ingest_token_for("j-alice")
         for metadata in (bearer("alice"), bearer("bob"), bearer(WRONG_TOKEN), bearer("root"),
-                         (("authorization", f"Bearer {ingest}"),)):  # fmt: skip
+                         (("authorization", f"Bearer {ingest}"), ("zerotrain-job-id", "j-alice"))):  # fmt: skip
             for rpc, request in _requests("j-alice"):
                 _, text = _code(stub, rpc, request, metadata)
                 details.append(text)

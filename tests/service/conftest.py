@@ -21,7 +21,8 @@ def ray_head() -> Iterator[LocalRay]:
     ``RayJobs(address)`` (and Ray's own clients) authenticate without more setup.
     """
     # Short path: Ray puts unix sockets under the temp dir.
-    temp_dir = Path(tempfile.mkdtemp(prefix="ztray-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="ztray-", dir="/tmp"))
+    temp_dir = root / "h"  # created by start_local_ray itself (private, 0700)
     head = start_local_ray(temp_dir, num_cpus=2)
     previous = os.environ.get("RAY_AUTH_TOKEN_PATH")
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(temp_dir / "auth_token")
@@ -33,7 +34,7 @@ def ray_head() -> Iterator[LocalRay]:
             os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         else:
             os.environ["RAY_AUTH_TOKEN_PATH"] = previous
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,11 @@ def test_generated_imports_are_package_absolute():
         "StreamLogs",
         "ReportMetrics",
     ]
+
+
+def test_proto_documents_batch_size_as_the_runtime_uses_it():
+    """``TrainingSpec.batch_size`` is per worker (service/spec.py and the runtime), not global."""
+    proto = (generate.PROTO_DIR / "job_service.proto").read_text()
+    block = proto[proto.index("message TrainingSpec") :]
+    comment = block[: block.index("optional int32 batch_size")].rsplit(";", 1)[-1]
+    assert "per worker" in comment and "split across workers" not in comment, comment

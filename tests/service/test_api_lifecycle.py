@@ -252,7 +252,7 @@ def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, cap
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0",
-         "--metrics-port", "-1", "--ray-address", ray_cluster,
+         "--metrics-port", "-1", "--health-port", "0", "--ray-address", ray_cluster,
          "--tls-key", str(pki["server_key"])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

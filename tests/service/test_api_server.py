@@ -7,6 +7,8 @@ jobs are seeded straight into the store.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from api_support import (
     serving,
     stub,
 )
+from api_support import spec as api_spec
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -187,6 +190,12 @@ def _spec(**fields) -> pb.JobSpec:
     return msg
 
 
+def _page_token(after: int) -> str:
+    """A page token in the store's format (base64 of ``{"v": 1, "after": N}``)."""
+    raw = json.dumps({"v": 1, "after": after}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 BAD_INPUTS = [
     # (id, rpc, request, expected status, text the message must contain)
     ("empty spec", "SubmitJob", pb.SubmitJobRequest(), grpc.StatusCode.INVALID_ARGUMENT,
@@ -209,6 +218,15 @@ BAD_INPUTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "name: must have at most 128"),
     ("custom task disabled", "SubmitJob", pb.SubmitJobRequest(spec=_spec(task="os.path:join")),
      grpc.StatusCode.PERMISSION_DENIED, "custom tasks"),
+    # The server's own limits (not the shared spec's): refused before Ray is asked anything.
+    ("cpus floor", "SubmitJob",
+     pb.SubmitJobRequest(spec=_spec(scaling__num_workers=4, scaling__cpus_per_worker=0.01)),
+     grpc.StatusCode.INVALID_ARGUMENT, "scaling.cpus_per_worker: must be >= 0.5 on this server"),
+    ("1024 tiny workers", "SubmitJob",
+     pb.SubmitJobRequest(spec=_spec(scaling__num_workers=1024, scaling__cpus_per_worker=0.001)),
+     grpc.StatusCode.INVALID_ARGUMENT, "scaling.num_workers: must be <= 64 on this server"),
+    ("workers cap", "SubmitJob", pb.SubmitJobRequest(spec=_spec(scaling__num_workers=65)),
+     grpc.StatusCode.INVALID_ARGUMENT, "--max-workers-per-job"),
     ("long idempotency key", "SubmitJob",
      pb.SubmitJobRequest(spec=_spec(), idempotency_key="k" * 500),
      grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key"),
@@ -223,6 +241,13 @@ BAD_INPUTS = [
     ("page size", "ListJobs", pb.ListJobsRequest(page_size=100000),
      grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
     ("page token", "ListJobs", pb.ListJobsRequest(page_token="garbage!"),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    # Well-formed tokens whose position SQLite cannot hold (was INTERNAL: OverflowError).
+    ("page token 2**63", "ListJobs", pb.ListJobsRequest(page_token=_page_token(2**63)),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ("page token 10**30", "ListJobs", pb.ListJobsRequest(page_token=_page_token(10**30)),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ("negative page token", "ListJobs", pb.ListJobsRequest(page_token=_page_token(-(2**70))),
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("state enum", "ListJobs", pb.ListJobsRequest(state=99),
      grpc.StatusCode.INVALID_ARGUMENT, "state"),
@@ -375,3 +400,39 @@ def test_mutual_tls_workers_report_on_the_ingest_only_port(manager: JobManager, 
         sink.close()
     finally:
         stop_server(server, grace=0.5)
+
+
+# -------------------------------------------------------------- idempotency
+def test_idempotency_key_reused_with_another_spec_is_already_exists(
+    port: int, manager: JobManager
+):
+    """The same key and spec return the first job; another spec is ALREADY_EXISTS naming it.
+
+    Neither answer needs Ray: the key is looked up before anything is scheduled.
+    """
+    from service.convert import spec_to_proto
+    from service.store import JobRecord
+
+    first = api_spec("keyed")
+    now = time.time()
+    manager.store.create_job(
+        JobRecord(
+            job_id="j-keyed", owner="alice", spec=first, state=JobState.RUNNING,
+            state_reason="seeded", created_at=now, updated_at=now, started_at=now,
+            finished_at=None, attempt=1, latest_metrics=None, checkpoint=None,
+            idempotency_key="k-1", ray_job_id="j-keyed",
+        )
+    )  # fmt: skip
+    s = stub(port)
+    before = _snapshot(manager.store)
+    same = s.SubmitJob(
+        pb.SubmitJobRequest(spec=spec_to_proto(first), idempotency_key="k-1"),
+        metadata=bearer("alice"),
+    )
+    assert same.job_id == "j-keyed"
+    other = spec_to_proto(api_spec("keyed", training={"max_steps": 5}))
+    with pytest.raises(grpc.RpcError) as info:
+        s.SubmitJob(pb.SubmitJobRequest(spec=other, idempotency_key="k-1"), metadata=bearer("alice"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "j-keyed" in info.value.details() and "idempotency_key" in info.value.details()
+    assert _snapshot(manager.store) == before

@@ -178,6 +178,38 @@ def test_server_config_rules():
         ServerConfig.env_defaults(env)
 
 
+def test_every_path_flag_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A relative --tls-cert once reached the workers as is and silently disabled all metrics."""
+    monkeypatch.chdir(tmp_path)
+    args = serve_main.build_parser().parse_args(
+        ["serve", "--data-dir", "data", "--tokens-file", "tokens.yaml", "--tls-cert",
+         "tls/server.pem", "--tls-key", "tls/server.key", "--tls-client-ca", "tls/ca.pem",
+         "--ingest-ca", "../ca.pem"]
+    )  # fmt: skip
+    config = serve_main.config_from_args(args, env={})
+    assert config.tls_cert == tmp_path / "tls" / "server.pem"
+    assert config.ingest_ca == tmp_path.parent / "ca.pem"
+    for name in ("data_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "ingest_ca"):
+        assert getattr(config, name).is_absolute(), name
+    from_env = ServerConfig(**ServerConfig.env_defaults({"ZEROTRAIN_TOKENS_FILE": "t.yaml"}))
+    assert from_env.tokens_file == tmp_path / "t.yaml"
+
+
+def test_budget_and_limit_settings_are_checked():
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(
+            insecure_no_auth=True, max_streams_per_principal=100, max_streams=50,
+            min_cpus_per_worker=0, metrics_grace_s=-1, health_port=70000,
+        )  # fmt: skip
+    text = str(info.value)
+    for fragment in ("--max-streams-per-principal", "--min-cpus-per-worker",
+                     "--metrics-grace-s", "--health-port"):  # fmt: skip
+        assert fragment in text
+    env = {"ZEROTRAIN_MIN_CPUS_PER_WORKER": "0.25", "ZEROTRAIN_MAX_STREAMS": "8"}
+    values = ServerConfig.env_defaults(env)
+    assert values == {"min_cpus_per_worker": 0.25, "max_streams": 8}
+
+
 def test_no_auth_flag_forces_loopback():
     args = serve_main.build_parser().parse_args(
         ["serve", "--address", "0.0.0.0:7000", "--insecure-no-auth"]

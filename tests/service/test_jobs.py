@@ -135,7 +135,7 @@ def test_lifecycle_with_ingested_metrics_and_logs(manager: JobManager):
             {
                 "job_id": record.job_id, "attempt": 1, "step": step, "time": time.time(),
                 "loss": 1.0 / step, "final": final,
-                "checkpoint": {"step": step, "path": f"/ckpt/{step}"},
+                "checkpoint": {"step": step, "path": f"{manager.run_dir(record.job_id)}/c{step}"},
             },
         )  # fmt: skip
 
@@ -154,7 +154,7 @@ def test_lifecycle_with_ingested_metrics_and_logs(manager: JobManager):
     assert done.state == JobState.SUCCEEDED and done.attempt == 1
     assert done.started_at is not None and done.finished_at >= done.started_at
     assert done.latest_metrics["final"] is True and done.latest_metrics["loss"] == 0.25
-    assert done.checkpoint.step == 4 and done.checkpoint.path == "/ckpt/4"
+    assert done.checkpoint.step == 4 and done.checkpoint.path.endswith(f"{record.job_id}/c4")
     assert "hello from the job" in list(manager.logs(record.job_id))
     assert "hello from the job" in list(manager.logs(record.job_id, follow=True))
 
@@ -220,6 +220,29 @@ def test_idempotent_submit_starts_one_job(manager: JobManager, ray_jobs: RayJobs
     assert len(manager.list(owner="bob")[0]) == 1
     for job_id in (first.job_id, other.job_id):
         assert collect(manager, job_id)[-1].state == JobState.SUCCEEDED
+
+
+def test_running_job_without_metrics_gets_one_warning_event(tmp_path: Path, ray_jobs: RayJobs):
+    """A job RUNNING for the warning time with no metrics record is flagged, once.
+
+    (Its workers may not reach the service: a relative TLS path once disabled all
+    metrics and nothing said so.)
+    """
+    manager = JobManager(
+        JobStore(tmp_path / "jobs.db"), ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
+        entrypoint_factory=tiny_entrypoint, no_metrics_warning_s=2.0,
+    )  # fmt: skip
+    manager.start()
+    try:
+        record = manager.submit(make_spec("medium"), owner="alice")  # runs 8 s, reports nothing
+        events = collect(manager, record.job_id, timeout=90)
+        warnings = [e for e in events if e.reason.startswith("warning: no metrics record")]
+        assert len(warnings) == 1 and warnings[0].state == JobState.RUNNING, events
+        assert "cannot reach the service" in warnings[0].reason
+        assert events[-1].state == JobState.SUCCEEDED
+    finally:
+        manager.stop()
+        manager.store.close()
 
 
 def test_restarted_manager_reattaches_running_job(tmp_path: Path, ray_jobs: RayJobs):

@@ -78,11 +78,15 @@ class JobServiceServicer:
 
     def SubmitJob(self, request, context):
         """Validates a job description and queues it. With an idempotency key, a
-        retried submit returns the job the first one created instead of a second
-        job. Errors: INVALID_ARGUMENT lists every bad field with its rule;
-        FAILED_PRECONDITION when the cluster can never satisfy the resource
-        request (with the reason); PERMISSION_DENIED for a custom-code task on a
-        server that does not allow them; UNAVAILABLE when Ray cannot be reached.
+        retried submit of the same spec returns the job the first one created
+        instead of a second job. Errors: INVALID_ARGUMENT lists every bad field
+        with its rule (the server's own limits on cpus_per_worker and num_workers
+        included); ALREADY_EXISTS, naming the job, when the key was used with a
+        different spec; FAILED_PRECONDITION when the cluster can never satisfy the
+        resource request (with the reason); PERMISSION_DENIED for a custom-code
+        task on a server that does not allow them; UNAVAILABLE when Ray cannot be
+        reached; RESOURCE_EXHAUSTED, naming the limit, when the caller already has
+        its maximum of calls or streams in flight (every rpc).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +138,10 @@ class JobServiceServicer:
 
     def ReportMetrics(self, request, context):
         """Ingestion: a job's rank-0 worker pushes one metrics record. Authorized by
-        the job's ingest token (or an admin token).
+        the job's ingest token (or an admin token) in the call's headers, with the
+        job id as `zerotrain-job-id` metadata. After the job ended only its ending
+        attempt's last records are taken, for a short grace window; anything else
+        is FAILED_PRECONDITION, after which the worker sends nothing more.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
