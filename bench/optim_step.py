@@ -4,10 +4,14 @@ Measures ms per optimizer step and effective bandwidth (28 bytes per float32
 parameter: p, g, m, u read once and p, m, u written once, divided by the step
 time) for
 
-* torch.optim.Adamax / NAdam, for-loop (foreach=False) and foreach=True;
+* torch.optim.Adamax / NAdam, for-loop (foreach=False), foreach=True, and its
+  step compiled with ``torch.compile`` (PyTorch's recipe for a fused step);
 * optim.Adamax / optim.Nadam (the drop-in classes), for-loop and foreach;
 * the flat-buffer step (optim.functional on one contiguous buffer, as the
   sharded optimizer runs it), eager and compiled;
+* ``ZeroOptimizer.step()`` in one process (defaults; ``compile=True``) on
+  assigned gradients: its time includes copying them into the gradient buckets
+  (8 more bytes per parameter), which a real backward does in its hooks instead;
 * the floor: one plain tensor copy moving the same 28 bytes per parameter,
 
 on (a) one 16M-element tensor and (b) the parameter list of a GPT-like model
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optim
 from optim.functional import adamax_step, compile_available, nadam_step
+from optim.zero import ZeroOptimizer
 
 BYTES_PER_PARAM = 28  # float32: read p, g, m, u; write p, m, u
 RESULTS = Path(__file__).resolve().parent / "results" / "optim_step.json"
@@ -60,18 +65,45 @@ def _sync(device: torch.device) -> None:
 
 
 class Variant:
-    """One way of running the step; ``run()`` performs one step."""
+    """One way of running the step: ``run()`` performs one step, after ``prepare()``
+    (untimed) puts the gradients in place."""
 
-    def __init__(self, name: str, run: Callable[[], None]) -> None:
+    def __init__(self, name: str, run: Callable[[], None],
+                 prepare: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.name, self.run, self.times_ms = name, run, []
+        self.prepare = prepare or (lambda: None)
 
 
-def _torch_like(cls, shapes, device, foreach: bool) -> Callable[[], None]:
+def _params(shapes, device) -> list[torch.nn.Parameter]:
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = cls(params, lr=1e-3, weight_decay=0.0, foreach=foreach)
+    return params
+
+
+def _torch_like(cls, shapes, device, foreach: bool) -> Callable[[], None]:
+    opt = cls(_params(shapes, device), lr=1e-3, weight_decay=0.0, foreach=foreach)
     return opt.step
+
+
+def _torch_compiled(cls, shapes, device) -> Callable[[], None]:
+    """torch.optim's step under torch.compile, as PyTorch's tutorial compiles it."""
+    opt = cls(_params(shapes, device), lr=1e-3, weight_decay=0.0, foreach=True)
+    return torch.compile(opt.step, fullgraph=False)
+
+
+def _zero(cls, shapes, device, compile: bool) -> Variant:
+    """ZeroOptimizer.step() on gradients assigned before each step (step() consumes them)."""
+    params = _params(shapes, device)
+    grads = [p.grad for p in params]
+    opt = ZeroOptimizer(params, cls, lr=1e-3, compile=compile)
+
+    def prepare() -> None:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+
+    name = "ZeroOptimizer compile=True" if compile else "ZeroOptimizer (defaults)"
+    return Variant(name, opt.step, prepare)
 
 
 def _flat(algorithm: str, numel: int, device, compile: bool) -> Callable[[], None]:
@@ -112,11 +144,14 @@ def build_variants(algorithm: str, shapes, device, with_compile: bool) -> list[V
         Variant("ours drop-in for-loop", _torch_like(ours_cls, shapes, device, foreach=False)),
         Variant("ours drop-in foreach", _torch_like(ours_cls, shapes, device, foreach=True)),
         Variant("ours flat eager", _flat(algorithm, numel, device, compile=False)),
+        _zero(ours_cls, shapes, device, compile=False),
     ]
     if with_compile:
-        variants.append(
-            Variant("ours flat compiled", _flat(algorithm, numel, device, compile=True))
-        )
+        variants += [
+            Variant("torch compiled step", _torch_compiled(torch_cls, shapes, device)),
+            Variant("ours flat compiled", _flat(algorithm, numel, device, compile=True)),
+            _zero(ours_cls, shapes, device, compile=True),
+        ]
     return variants
 
 
@@ -124,10 +159,12 @@ def measure(variants: list[Variant], device, warmup: int, repeats: int) -> None:
     """Interleave the variants round by round; keep every timing."""
     for v in variants:
         for _ in range(warmup):
+            v.prepare()
             v.run()
     _sync(device)
     for _ in range(repeats):
         for v in variants:
+            v.prepare()
             _sync(device)
             start = time.perf_counter()
             v.run()
@@ -225,7 +262,9 @@ def _targets(rows: list[dict]) -> dict:
         }
         flat = by_variant.get("ours flat compiled") or by_variant["ours flat eager"]
         torch_best = min(
-            by_variant["torch for-loop"]["ms_median"], by_variant["torch foreach"]["ms_median"]
+            by_variant[name]["ms_median"]
+            for name in ("torch for-loop", "torch foreach", "torch compiled step")
+            if name in by_variant
         )
         out[algorithm] = {
             "flat_variant": flat["variant"],
@@ -251,12 +290,12 @@ def _print_table(report: dict) -> None:
     print(f"{m['cpu_model']} ({m['nproc']} CPUs), torch {m['torch']}, device {report['device']}, "
           f"threads {report['threads']}, {report['repeats']} rounds, "
           f"load {report['loadavg_1min']['before']:.1f} -> {report['loadavg_1min']['after']:.1f}")  # fmt: skip
-    header = f"{'case':<22}{'opt':<8}{'variant':<26}{'ms (median)':>12}{'GB/s':>8}{'x floor':>9}"
+    header = f"{'case':<22}{'opt':<8}{'variant':<30}{'ms (median)':>12}{'GB/s':>8}{'x floor':>9}"
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         print(
-            f"{r['case']:<22}{r['optimizer']:<8}{r['variant']:<26}"
+            f"{r['case']:<22}{r['optimizer']:<8}{r['variant']:<30}"
             f"{r['ms_median']:>12.2f}{r['gb_per_s']:>8.1f}{r['x_floor']:>9.2f}"
         )
     for algorithm, t in report["targets"].items():

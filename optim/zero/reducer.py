@@ -158,13 +158,25 @@ class GradientReducer:
         self._reset()
 
     def zero_grads(self) -> None:
-        """Every ``.grad`` becomes a zeroed view of its bucket (``zero_grad(set_to_none=False)``)."""
+        """Zero every existing ``.grad`` in place (``zero_grad(set_to_none=False)``).
+
+        As in torch.optim, a zeroed gradient is still a gradient: the parameters
+        that had one this round (or an assigned one) are updated by the next
+        step, with whatever is written into it or accumulated by backward.
+        """
+        had_grad = [
+            flag or (p.grad is not None and not _is_view(p.grad, view))
+            for flag, p, view in zip(self._has_local_grad, self.params, self._views, strict=True)
+        ]
+        self._reset()
         for s, p in enumerate(self.params):
+            if p.grad is None:
+                continue
             if self.frees_buckets:
                 self._allocate(self.layout.slots[s].bucket)
             self._views[s].zero_()
             p.grad = self._views[s]
-        self._reset()
+            self._has_local_grad[s] = had_grad[s]
 
     def wait_in_flight(self) -> None:
         """Wait for every launched reduction (never clear a buffer under one)."""

@@ -248,3 +248,27 @@ def test_untracked_steps_update_identically_and_report_no_update(cls) -> None:
     twin(torch.randn(5, 7)).square().sum().backward()
     untracked.step()
     assert untracked.stats()["update_norm"] > 0
+
+
+def test_zeroed_gradients_are_gradients_like_torch() -> None:
+    # zero_grad(set_to_none=False) after backward: torch keeps zero tensors, and what is
+    # written into them is the gradient of the next step (the never-used parameter
+    # still has none).
+    net, ref = workers.make_net(), workers.make_net()
+    opt = ZeroOptimizer(net.groups(lr=5e-3), Nadam, bucket_mb=workers.TINY_BUCKET_MB)
+    ref_opt = torch.optim.NAdam(ref.groups(lr=5e-3))
+    for step in range(4):
+        for model, o in ((net, opt), (ref, ref_opt)):
+            workers.loss_of(model, step, 0).backward()
+            if step % 2 == 0:
+                o.zero_grad(set_to_none=False)
+        if step % 2 == 0:
+            for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+                if q.grad is not None:
+                    for t in (p, q):
+                        t.grad.add_(torch.full_like(t, 0.01 * (step + 1)))
+        opt.step()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    workers.assert_params_close(net, ref, exact=True)
+    workers.assert_state_close(opt.consolidated_state_dict(), ref_opt.state_dict(), exact=True)
