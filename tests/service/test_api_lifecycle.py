@@ -170,6 +170,7 @@ def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api, capsys):
     assert code == 0 and job.job_id in out
     code, out = trainctl("logs", job.job_id)
     assert code == 0 and "ZEROTRAIN_METRICS" in out
+    assert "\x1b[" not in out  # not a terminal: Ray's colour codes are stripped
     assert trainctl("cancel", job.job_id)[0] == 6  # finished: FAILED_PRECONDITION
 
 
