@@ -88,9 +88,13 @@ class ClusterResources:
 def runtime_entrypoint(
     job_id: str, spec_json: str, storage: str | Path, *, allow_custom_tasks: bool = False
 ) -> str:
-    """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``)."""
+    """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``).
+
+    ``--machine``: the job's log keeps Ray's output and the metrics lines as
+    they come, for ``trainctl logs`` and for the failure reason read from it.
+    """
     parts = [
-        sys.executable, "-m", "service.runtime", "--spec-json", spec_json,
+        sys.executable, "-m", "service.runtime", "--machine", "--spec-json", spec_json,
         "--job-id", job_id, "--storage", str(storage),
     ]  # fmt: skip
     if allow_custom_tasks:

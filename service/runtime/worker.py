@@ -175,18 +175,18 @@ def _train(
         window.steps += 1
 
         final = step == training.max_steps
-        saved = None
+        if not _reports_at(training, step):
+            continue
+        # The record first, so that the checkpoint's report (Ray Train's result
+        # metrics) carries its loss and held-out metrics, not only the step.
+        record = _metrics_record(spec, config, task, engine, window, rank, world, attempt, step, final)
+        window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
         if _checkpoints_at(training, step):
-            saved = _save_checkpoint(spec, config, engine, rank, world, step, position, attempt)
-        if _reports_at(training, step):
-            record = _metrics_record(
-                spec, config, task, engine, window, rank, world, attempt, step, final
+            record["checkpoint"] = _save_checkpoint(
+                spec, config, engine, rank, world, step, position, attempt, _result_metrics(record)
             )
-            if reporter is not None:
-                if saved is not None:
-                    record["checkpoint"] = saved
-                reporter.emit(record)
-            window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+        if reporter is not None:
+            reporter.emit(record)
 
 
 def _checkpoints_at(training: TrainingSpec, step: int) -> bool:
@@ -198,6 +198,18 @@ def _checkpoints_at(training: TrainingSpec, step: int) -> bool:
 def _reports_at(training: TrainingSpec, step: int) -> bool:
     """Whether a metrics record is emitted after ``step``."""
     return _checkpoints_at(training, step) or step % training.metrics_every == 0
+
+
+def _result_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """What a checkpoint reports to Ray Train: the record's top-level numbers (step,
+    loss, samples/s, held-out metrics such as accuracy), not its bookkeeping."""
+    return {
+        key: value
+        for key, value in record.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and key not in {"time", "rank", "attempt", "world_size"}
+    }
 
 
 def _metrics_record(
@@ -261,8 +273,10 @@ def _save_checkpoint(
     step: int,
     position: int,
     attempt: int,
+    metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """Write this rank's part into a local dir and report it; Train V2 merges the rank dirs."""
+    """Write this rank's part into a local dir and report it with ``metrics`` (which
+    must hold ``step``); Train V2 merges the rank dirs."""
     import ray.train
 
     name = f"checkpoint_{step:08d}"
@@ -287,7 +301,7 @@ def _save_checkpoint(
             (directory / CHECKPOINT_META).write_text(json.dumps(meta))
         _write_checksums(directory, rank)
         ray.train.report(
-            {"step": step},
+            {**metrics, "step": step},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=name,
         )
