@@ -408,6 +408,9 @@ def start_local_ray(
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    # On SIGTERM a head drains for up to 30 s by default (for Ray Serve's replicas); this
+    # head is stopped as a whole, its jobs with it, so draining only delays shutdown.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     log = open(temp_dir / "head.log", "ab")  # noqa: SIM115 - handed to the child

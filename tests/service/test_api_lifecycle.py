@@ -280,8 +280,9 @@ def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, cap
         capsys.readouterr()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        stderr = proc.stderr.read()
-        assert "SIGTERM" in stderr and TOKENS["alice"] not in stderr
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        assert "zerotrain: SIGTERM: stopping" in stdout and stdout.endswith("zerotrain: stopped\n")
+        assert TOKENS["alice"] not in stdout + stderr
     finally:
         if proc.poll() is None:
             proc.kill()
