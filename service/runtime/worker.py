@@ -179,12 +179,15 @@ def _train(
             continue
         # The record first, so that the checkpoint's report (Ray Train's result
         # metrics) carries its loss and held-out metrics, not only the step.
-        record = _metrics_record(spec, config, task, engine, window, rank, world, attempt, step, final)
-        window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+        record = _metrics_record(
+            spec, config, task, engine, window, rank, world, attempt, step, final
+        )
         if _checkpoints_at(training, step):
             record["checkpoint"] = _save_checkpoint(
                 spec, config, engine, rank, world, step, position, attempt, _result_metrics(record)
             )
+        # Only now: neither evaluation nor checkpoint writes count as training time.
+        window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
         if reporter is not None:
             reporter.emit(record)
 
