@@ -141,7 +141,7 @@ def _panels(history: MetricsHistory, records: list[dict[str, Any]]) -> list[tupl
         ("gradient norm (before clipping)", _series(records, "‖g‖", _opt("grad_norm")), _lines),
         ("update / parameter norm", ratio, _lines),
         (title, internals, _fractions),
-        ("throughput, samples/s (all workers)", throughput, _lines),
+        ("throughput, samples/s (all workers)", throughput, _rates),
         (f"optimizer state per rank (step {records[-1]['step']})", state_bytes, _bars),
     ]
 
@@ -154,10 +154,23 @@ def _lines(ax: Any, series: list[_Series]) -> None:
                 marker="o" if len(s.values) < 30 else None, markersize=3)  # fmt: skip
     values = [v for s in series for v in s.values]
     if min(values) > 0 and max(values) / min(values) > 20:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_yscale("log")
+        # Label 1, 2, 5 of every decade: decades alone leave a loss curve unreadable.
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("step", fontsize=8)
     if len(series) > 1:
         ax.legend(fontsize=7, frameon=False)
+
+
+def _rates(ax: Any, series: list[_Series]) -> None:
+    """A rate over steps, its axis from 0 (a busy machine's noise is not a trend)."""
+    _lines(ax, series)
+    if ax.get_yscale() == "linear":
+        ax.set_ylim(bottom=0)
 
 
 def _fractions(ax: Any, series: list[_Series]) -> None:
