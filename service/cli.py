@@ -348,6 +348,9 @@ def fit_columns(widths: dict[str, int], order: Sequence[str], total: int) -> dic
 
 
 def _print_list(console: Console, jobs: Sequence[pb.Job]) -> None:
+    if not jobs:
+        console.print("no jobs", style="dim")
+        return
     rows = _list_rows(jobs)
     order = list(_LIST_COLUMNS)
     if len({row["OWNER"] for row in rows}) > 1:  # an admin's list: who owns what matters
