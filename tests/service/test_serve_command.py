@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -37,18 +39,25 @@ def test_sigint_prints_each_step_and_stopped(tmp_path: Path):
          "--insecure-no-auth", "--ray-num-cpus", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
     )  # fmt: skip
+    temp_dir = ray_temp_dir(data_dir.resolve())
     try:
         first = proc.stdout.readline()
         assert first.startswith("zerotrain: serving on 127.0.0.1:"), (first, proc.stderr.read())
         began = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"still stopping after 60 s; it printed:\n{out}\n{err[-3000:]}")
         seconds = time.monotonic() - began
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        shutil.rmtree(ray_temp_dir(data_dir.resolve()), ignore_errors=True)
+        _kill_left_over_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert proc.returncode == 0, err
     lines = out.splitlines()
     assert lines[0] == "zerotrain: SIGINT: stopping"
@@ -56,3 +65,13 @@ def test_sigint_prints_each_step_and_stopped(tmp_path: Path):
     assert any(line.startswith("zerotrain: stopping the embedded Ray head (pid ") for line in lines)
     assert lines[-1] == "zerotrain: stopped"
     assert seconds < 12, (seconds, out)
+
+
+def _kill_left_over_head(temp_dir: Path) -> None:
+    """A failed test must not leave its Ray head running (it runs in its own session)."""
+    try:
+        pid = json.loads((temp_dir / "zerotrain_ray_head.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
