@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import socket
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -102,11 +103,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
     if rank == 0:
         # Plain stdout: it lands in the Ray job's log that the service streams to users.
-        print(
+        _say(
             f"zerotrain: job {config['job_id']} attempt {attempt}: task {spec.task}, "
             f"{world} workers, engine {engine.name}, "
-            + (f"resuming at step {step}" if step else "starting"),
-            flush=True,
+            + (f"resuming at step {step}" if step else "starting")
         )
     try:
         _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
@@ -139,7 +139,7 @@ def _train(
     window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
     engine.module.train()
     if step >= training.max_steps and rank == 0:
-        print(f"zerotrain: step {step} >= max_steps {training.max_steps}: done", flush=True)
+        _say(f"zerotrain: step {step} >= max_steps {training.max_steps}: done")
     while step < training.max_steps:
         # Measuring the update costs a pass over the shard: only for reported steps.
         engine.track_update_stats(_reports_at(training, step + 1))
@@ -190,6 +190,13 @@ def _train(
         window = _Window(loss_sum=torch.zeros((), dtype=torch.float64, device=device))
         if reporter is not None:
             reporter.emit(record)
+
+
+def _say(line: str) -> None:
+    """One line on stdout. Not ``print``: Ray Train V2 patches it to also log each
+    call, so every printed line would show up twice in the job's log."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _checkpoints_at(training: TrainingSpec, step: int) -> bool:

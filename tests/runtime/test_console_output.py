@@ -60,6 +60,7 @@ def test_default_output_is_progress_and_a_summary(ray_address, tmp_path: Path):
     log = (run_dir / "ray.log").read_text()
     assert log.count("ZEROTRAIN_METRICS ") == 4  # steps 2, 4, 6, 8: every record arrived
     assert "TrainController" in log and "\x1b[" not in log
+    assert log.count("zerotrain: job quiet attempt 1: task digits") == 1  # not print()ed twice
 
 
 def test_verbose_also_shows_rays_output(ray_address, tmp_path: Path):
