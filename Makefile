@@ -13,9 +13,10 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
+	@echo "setup: installing zerotrain into $(VENV)/ with torch (CPU), Ray, gRPC, DeepSpeed, matplotlib and the dev tools; about 3-4 minutes the first time"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) -e '.[dev,deepspeed]'
+	$(PIP) -e '.[dev,deepspeed,plot]'
 	touch $(STAMP)
 
 generate: setup

@@ -2,9 +2,10 @@
 
 Every flag falls back to an environment variable (see :mod:`service.config`).
 SIGHUP re-reads the tokens file (rotation without a restart; a bad file keeps
-the current tokens). Runs until SIGTERM or SIGINT, then stops serving (open streams get a few
-seconds of grace), stops the job manager and, unless ``--keep-ray``, the
-embedded Ray head. Jobs on an external cluster keep running; a restarted
+the current tokens). Runs until SIGTERM or SIGINT, then stops serving (open
+streams get a few seconds of grace), stops the job manager and, unless
+``--keep-ray``, the embedded Ray head, printing each step and a final
+``zerotrain: stopped``. Jobs on an external cluster keep running; a restarted
 service re-attaches to them.
 """
 
@@ -28,18 +29,29 @@ from service.config import (
     env_flag,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = ["CONSOLE_SCRIPT", "build_parser", "main"]
 
 log = logging.getLogger("service")
 
+CONSOLE_SCRIPT = "zerotrain-serve"
+"""The console script's name (pyproject.toml); it runs ``serve``."""
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (``serve`` is the only command, and the default)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m service", description="zerotrain job service (gRPC control plane)"
-    )
+
+def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+    """The command-line parser (``serve`` is the only command, and the default).
+
+    ``prog`` is the command the user typed: ``zerotrain-serve`` (the console
+    script, which means ``serve``) or ``python -m service``.
+    """
+    description = "zerotrain job service (gRPC control plane)"
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the gRPC job service")
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC job service",
+        description=description,
+        prog=prog if prog == CONSOLE_SCRIPT else f"{prog} serve",
+    )
     add = serve.add_argument
     add("--address", "--listen", help=f"gRPC listen host:port (default {DEFAULT_ADDRESS}; "
         "env ZEROTRAIN_LISTEN_ADDRESS)")  # fmt: skip
@@ -134,14 +146,17 @@ def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
+        if not stopping.is_set():
+            print(f"zerotrain: {signal.Signals(signum).name}: stopping", flush=True)
         stopping.set()
 
     service = Service(config, keep_ray=keep_ray)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: service.reload_tokens())
+    serving = False
     try:
-        service.start()
+        service.start()  # stops what it started if it fails
+        serving = True
         if config.insecure_no_auth:
             log.warning("authentication is DISABLED (--insecure-no-auth): anyone on this host "
                         "may submit and cancel jobs")  # fmt: skip
@@ -149,7 +164,9 @@ def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
         print(f"zerotrain: serving on {service.address}", flush=True)
         stopping.wait()
     finally:
-        service.stop()
+        if serving:
+            service.stop(on_step=lambda what: print(f"zerotrain: {what} ...", flush=True))
+            print("zerotrain: stopped", flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
@@ -160,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         argv.insert(0, "serve")  # `zerotrain-serve --flags` means `serve --flags`
-    args = build_parser().parse_args(argv)
+    invoked = os.path.basename(sys.argv[0])
+    parser = build_parser(CONSOLE_SCRIPT if invoked == CONSOLE_SCRIPT else "python -m service")
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

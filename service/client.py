@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 from grpc_status import rpc_status
 
 from service import convert
@@ -238,6 +240,17 @@ class JobClient:
         return self.get(job_id)
 
     # -------------------------------------------------------------- plumbing
+    def server_reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether a gRPC server answers at the address within ``timeout_s``.
+
+        Asks the standard health service, which needs no token.
+        """
+        try:
+            HealthStub(self._channel).Check(HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return exc.code() not in _RETRYABLE  # type: ignore[attr-defined]
+        return True
+
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()

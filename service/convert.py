@@ -14,7 +14,10 @@ Mapping rules:
   field (proto3 enums are open, so a newer client can send one);
 * ``task_args`` travels as a ``google.protobuf.Struct``, whose numbers are
   doubles: integral values become ``int`` again on the way in;
-* times are epoch seconds (``float``) in the domain, ``Timestamp`` on the wire.
+* times are epoch seconds (``float``) in the domain, ``Timestamp`` on the wire;
+* :func:`message_to_json` is proto3 JSON with the types a person wrote: int64
+  fields as JSON numbers (proto3 JSON writes them as strings) and a Struct's
+  integral doubles as integers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import descriptor, json_format, message, timestamp_pb2
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.spec import JobSpec, SpecError
@@ -34,6 +37,7 @@ __all__ = [
     "event_from_proto",
     "event_to_proto",
     "job_to_proto",
+    "message_to_json",
     "metrics_from_proto",
     "metrics_to_proto",
     "spec_dict_from_proto",
@@ -205,6 +209,50 @@ def _integral_to_int(value: Any) -> Any:
     if isinstance(value, list):
         return [_integral_to_int(v) for v in value]
     return value
+
+
+# ----------------------------------------------------------------------------- JSON
+_INT64_TYPES = frozenset(
+    {
+        descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+        descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+        descriptor.FieldDescriptor.TYPE_SFIXED64,
+    }
+)  # fmt: skip
+
+
+def message_to_json(msg: message.Message) -> dict[str, Any]:
+    """A message as a JSON-ready dict: proto3 JSON with the proto field names as keys
+    (fields at their default value omitted), int64 fields as numbers, and integral
+    numbers inside a ``Struct`` (``task_args``) as integers."""
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return _typed_json(msg.DESCRIPTOR, data)
+
+
+def _typed_json(desc: descriptor.Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    for fd in desc.fields:
+        if fd.name in data:
+            data[fd.name] = _typed_value(fd, data[fd.name])
+    return data
+
+
+def _typed_value(fd: descriptor.FieldDescriptor, value: Any) -> Any:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value_fd = fd.message_type.fields_by_name["value"]
+        return {k: _typed_scalar(value_fd, v) for k, v in value.items()}
+    if fd.is_repeated:
+        return [_typed_scalar(fd, v) for v in value]
+    return _typed_scalar(fd, value)
+
+
+def _typed_scalar(fd: descriptor.FieldDescriptor, value: Any) -> Any:
+    if fd.message_type is None:
+        return int(value) if fd.type in _INT64_TYPES else value
+    if fd.message_type.full_name == "google.protobuf.Struct":
+        return _integral_to_int(value)
+    if fd.message_type.full_name.startswith("google.protobuf."):
+        return value  # Timestamp, Value, ...: their JSON forms are already right
+    return _typed_json(fd.message_type, value)
 
 
 # ---------------------------------------------------------------------------- state

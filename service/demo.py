@@ -4,8 +4,9 @@ Starts the service with an embedded local Ray head (dashboard included) on
 free ports, with a fresh data dir and a generated token; submits
 ``examples/digits_nadam.yaml`` (digits, Nadam, 2 workers, ZeRO stage 2) over
 gRPC; shows live progress; prints the final loss and accuracy, a sample of
-the Prometheus metrics and where everything is stored; then shuts it all
-down. ``--keep-running`` leaves the service up (Ctrl-C to stop) so you can
+the Prometheus metrics and where everything is stored; draws the run
+(``trainctl plot``) into the data dir; then shuts it all down.
+``--keep-running`` leaves the service up (Ctrl-C to stop) so you can
 point ``trainctl``, Prometheus or a browser at it.
 """
 
@@ -29,6 +30,8 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.cli import watch_job
 from service.client import JobClient
 from service.config import ServerConfig
+from service.history import NoMetrics, fetch_history
+from service.plot import PlotUnavailable, plot_history
 from service.server import Service, ray_temp_dir
 
 __all__ = ["main"]
@@ -111,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"  last checkpoint: step {job.checkpoint.step} at {job.checkpoint.path}"
                 )
             console.print("  dashboards: deploy/grafana (scrape the metrics endpoint above)")
+            picture = data_dir / f"{job.job_id}.png"
+            try:
+                plot_history(fetch_history(client, job.job_id), picture)
+                console.print(f"  a picture of the run: {picture} (trainctl plot)")
+            except (PlotUnavailable, NoMetrics) as exc:
+                console.print(f"  no picture of the run: {exc}")
 
             if args.keep_running:
                 console.print(

@@ -97,9 +97,13 @@ class ClusterResources:
 def runtime_entrypoint(
     job_id: str, spec_json: str, storage: str | Path, *, allow_custom_tasks: bool = False
 ) -> str:
-    """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``)."""
+    """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``).
+
+    ``--machine``: the job's log keeps Ray's output and the metrics lines as
+    they come, for ``trainctl logs`` and for the failure reason read from it.
+    """
     parts = [
-        sys.executable, "-m", "service.runtime", "--spec-json", spec_json,
+        sys.executable, "-m", "service.runtime", "--machine", "--spec-json", spec_json,
         "--job-id", job_id, "--storage", str(storage),
     ]  # fmt: skip
     if allow_custom_tasks:
@@ -471,6 +475,9 @@ def start_local_ray(
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    # On SIGTERM a head drains for up to 30 s by default (for Ray Serve's replicas); this
+    # head is stopped as a whole, its jobs with it, so draining only delays shutdown.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     log = os.fdopen(

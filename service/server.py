@@ -19,6 +19,7 @@ import logging
 import socket
 import tempfile
 import weakref
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +297,8 @@ class Service:
         self.health_port: int | None = None
         self.ray_address: str | None = None
         self._auth: Authenticator | None = None
-        self._closers: list[Any] = []
+        self._closers: list[tuple[str, Callable[[], Any]]] = []
+        """(what it stops, how), undone last to first by :meth:`stop`."""
 
     @property
     def address(self) -> str:
@@ -328,7 +330,7 @@ class Service:
         data_dir = prepare_data_dir(Path(config.data_dir).resolve())
         # First, before anything else starts: a store that lost its jobs stops us here.
         store = open_store(data_dir, reinitialize=config.reinitialize_store)
-        self._closers.append(store.close)
+        self._closers.append(("closing the job store", store.close))
         if config.insecure_no_auth:
             auth = Authenticator(None)
         else:
@@ -350,13 +352,15 @@ class Service:
         else:
             head = start_local_ray(ray_temp_dir(data_dir), num_cpus=config.ray_num_cpus)
             if not self.keep_ray:
-                self._closers.append(head.shutdown)
+                self._closers.append(
+                    (f"stopping the embedded Ray head (pid {head.pid}) and its jobs", head.shutdown)
+                )
             ray = RayJobs(head.address, token=head.token)
         self.ray_address = ray.address
         log.info("Ray dashboard: %s", self.ray_address)
 
         metrics = ServiceMetrics()
-        self._closers.append(metrics.close)
+        self._closers.append(("closing the metrics endpoint", metrics.close))
         metrics_host = config.address.rsplit(":", 1)[0].strip("[]")
         if config.metrics_port >= 0:
             self.metrics_port = metrics.serve(config.metrics_port, addr=metrics_host)
@@ -378,7 +382,8 @@ class Service:
             no_metrics_warning_s=config.no_metrics_warning_s,
         )
         self.manager = manager
-        self._closers.append(manager.stop)  # after the server below has stopped
+        # After the server below has stopped.
+        self._closers.append(("stopping the job manager", manager.stop))
         limits = CallLimits(
             max_streams_per_principal=config.max_streams_per_principal,
             max_streams=config.max_streams,
@@ -394,9 +399,16 @@ class Service:
                 f"{host}:{config.health_port}", health_status_source(self.server)
             )
             # Stopped after the API server: probes see NOT_SERVING while it drains.
-            self._closers.append(lambda: health_server.stop(0.5).wait())
+            self._closers.append(
+                ("stopping the health server", lambda: health_server.stop(0.5).wait())
+            )
         # Stopped first: open watch streams end with UNAVAILABLE, so clients resume elsewhere.
-        self._closers.append(lambda: stop_server(self.server, 2.0))  # type: ignore[arg-type]
+        self._closers.append(
+            (
+                "stopping the gRPC server (open streams get 2 s)",
+                lambda: stop_server(self.server, 2.0),  # type: ignore[arg-type]
+            )
+        )
         ingest_port = self.port
         if tls is not None and tls.client_ca is not None:
             # Workers have no client certificate: they report on an ingest-only port.
@@ -404,7 +416,9 @@ class Service:
             ingest_server, ingest_port = create_ingest_server(
                 f"{host}:{config.ingest_port}", manager, auth=auth, tls=tls, metrics=metrics
             )
-            self._closers.append(lambda: stop_server(ingest_server, 2.0))
+            self._closers.append(
+                ("stopping the ingestion server", lambda: stop_server(ingest_server, 2.0))
+            )
         if not config.ingest_address:  # known only now when the port was 0
             manager.ingest_address = _advertised(config.address, ingest_port)
         manager.start()
@@ -423,14 +437,20 @@ class Service:
 
         warn_if_exposed(self.config.tokens_file)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop serving and release everything (idempotent)."""
+    def stop(self, grace: float = 5.0, *, on_step: Callable[[str], None] | None = None) -> None:
+        """Stop serving and release everything (idempotent).
+
+        ``on_step`` is told what is being stopped before each step (the embedded
+        Ray head takes a few seconds), e.g. to show it to the person waiting.
+        """
         while self._closers:
-            closer = self._closers.pop()
+            what, closer = self._closers.pop()
+            if on_step is not None:
+                on_step(what)
             try:
                 closer()
             except Exception:
-                log.exception("error while stopping the service")
+                log.exception("error while %s", what)
 
 
 def ray_temp_dir(data_dir: Path) -> Path:

@@ -1,11 +1,17 @@
 """``python -m service.runtime``: run one job on the current Ray cluster (or a local one).
 
-    python -m service.runtime --spec job.yaml [--job-id ID] [--storage PATH_OR_URI]
+    python -m service.runtime --spec job.yaml [--job-id ID] [--storage PATH_OR_URI] [--verbose]
     python -m service.runtime --spec-json '{"name": ..., "task": ...}' [--allow-custom-tasks]
 
+A person sees what ``trainctl submit --watch`` shows: a progress bar, then a
+summary (loss, accuracy, throughput, where the checkpoint is). Everything Ray
+prints goes to ``ray.log`` in the run directory (``<storage>/<job_id>/``);
+``--verbose`` also shows it. ``--machine`` is for the service, which runs
+this as a Ray job and reads its output: Ray's output as it comes, the
+``ZEROTRAIN_METRICS`` lines of rank 0 and a last ``ZEROTRAIN_RESULT`` line.
+
 Exits 0 on success; otherwise non-zero with one line ``zerotrain: error: <reason>``
-on stderr (2: invalid spec or arguments, 1: training failed). This is what the
-service submits as a Ray job.
+on stderr (2: invalid spec or arguments, 1: training failed).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
+from typing import Any
 
 from service.spec import JobSpec, SpecError, load_spec
 
@@ -36,12 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-id", help="run id: names the run directory (default: generated)")
     parser.add_argument(
         "--storage",
-        help="checkpoint storage path or URI (default: $ZEROTRAIN_DATA_DIR/runs or ~/zerotrain/runs)",
+        help="where runs go: a path or a URI Ray's storage accepts; the run directory is "
+        "STORAGE/JOB_ID (default: ./runs)",
     )
     parser.add_argument(
         "--allow-custom-tasks", action="store_true", help="allow package.module:function tasks"
     )
     parser.add_argument("--metrics-file", help="also append metrics records to this JSONL file")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "--verbose", "-v", action="store_true", help="also show Ray's output (always in ray.log)"
+    )
+    output.add_argument(
+        "--machine",
+        action="store_true",
+        help="output for programs (the service): Ray's output, ZEROTRAIN_METRICS lines and a "
+        "final ZEROTRAIN_RESULT line, no progress bar",
+    )
     return parser
 
 
@@ -61,6 +78,9 @@ def _load(args: argparse.Namespace) -> JobSpec:
 
 
 def _connect_ray() -> None:
+    # Ray folds log lines that look alike from several processes into one; our
+    # machine-readable lines must all arrive (read when Ray is imported).
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", "ZEROTRAIN_")
     import ray
 
     if ray.is_initialized():
@@ -84,41 +104,108 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     job_id = args.job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-    from service.runtime.trainer import check_job, resolve_storage, run_job
+    from service.runtime.trainer import check_job
 
     try:
         check_job(spec, job_id=job_id, allow_custom_tasks=args.allow_custom_tasks)
     except (SpecError, ValueError) as exc:
         return _fail(str(exc), 2)
+    if args.machine:
+        return _run_for_programs(spec, job_id, args)
+    return _run_for_a_person(spec, job_id, args)
+
+
+def _run(spec: JobSpec, job_id: str, args: argparse.Namespace) -> Any:
+    """Connect to Ray and run the job; returns the ``ray.train.Result``."""
+    from service.runtime.trainer import run_job
+
+    _connect_ray()
+    return run_job(
+        spec,
+        job_id=job_id,
+        storage=args.storage,
+        allow_custom_tasks=args.allow_custom_tasks,
+        metrics_file=args.metrics_file,
+    )
+
+
+def _error(job_id: str, result: Any, failure: Exception | None) -> tuple[str, int] | None:
+    """``(message, exit code)`` of a failed run, ``None`` for a successful one."""
+    if isinstance(failure, SpecError | ValueError):
+        return str(failure), 2
+    if failure is None:
+        failure = getattr(result, "error", None)
+    if failure is None:
+        return None
+    return f"job {job_id} failed: {_root_cause(failure)}", 1
+
+
+def _run_for_programs(spec: JobSpec, job_id: str, args: argparse.Namespace) -> int:
+    from service.runtime.trainer import run_directory
+
+    result: Any = None
+    failure: Exception | None = None
     try:
-        _connect_ray()
-        result = run_job(
-            spec,
-            job_id=job_id,
-            storage=args.storage,
-            allow_custom_tasks=args.allow_custom_tasks,
-            metrics_file=args.metrics_file,
-        )
-    except SpecError as exc:
-        return _fail(str(exc), 2)
-    except ValueError as exc:
-        return _fail(str(exc), 2)
+        result = _run(spec, job_id, args)
     except Exception as exc:
-        return _fail(f"job {job_id} failed: {_root_cause(exc)}", 1)
-    error = getattr(result, "error", None)
+        failure = exc
+    error = _error(job_id, result, failure)
     if error is not None:
-        return _fail(f"job {job_id} failed: {_root_cause(error)}", 1)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        return _fail(*error)
     summary = {
         "job_id": job_id,
-        "storage": str(Path(resolve_storage(args.storage)) / job_id)
-        if "://" not in resolve_storage(args.storage)
-        else f"{resolve_storage(args.storage).rstrip('/')}/{job_id}",
-        "checkpoint": checkpoint,
+        "storage": run_directory(args.storage, job_id),
+        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "metrics": dict(result.metrics or {}),
     }
     print(RESULT_PREFIX + json.dumps(summary, default=str), flush=True)
     return 0
+
+
+def _run_for_a_person(spec: JobSpec, job_id: str, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from service.runtime.capture import OutputCapture, terminal
+    from service.runtime.console import RunOutcome, RunView
+    from service.runtime.trainer import local_run_directory, run_directory
+
+    log_path = local_run_directory(args.storage, job_id) / "ray.log"
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"--storage: cannot create {log_path.parent}: {exc.strerror}", 2)
+    console = Console(file=terminal(), highlight=False, soft_wrap=True)
+    view = RunView(console, spec, job_id, log_path, verbose=args.verbose)
+    view.header(run_directory(args.storage, job_id))
+    started = time.monotonic()
+    result: Any = None
+    failure: Exception | None = None
+    try:
+        with view, OutputCapture(log_path, view.on_line):
+            try:
+                result = _run(spec, job_id, args)
+            except Exception as exc:
+                failure = exc
+            finally:
+                _disconnect_ray()  # inside the capture: Ray says goodbye on stderr too
+    except KeyboardInterrupt:
+        console.print(f"interrupted; Ray's log: {log_path}")
+        return 130
+    seconds = time.monotonic() - started
+    error = _error(job_id, result, failure)
+    if error is not None:
+        view.finish(RunOutcome("FAILED", seconds))  # the reason follows on stderr
+        return _fail(*error)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    view.finish(RunOutcome("SUCCEEDED", seconds, checkpoint, result_metrics=result.metrics))
+    return 0
+
+
+def _disconnect_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _root_cause(exc: BaseException) -> str:

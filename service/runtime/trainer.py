@@ -3,8 +3,9 @@
 The process group backend follows the hardware (NCCL with GPUs, gloo on CPU);
 ``ScalingConfig`` comes from ``spec.scaling``; ``FailureConfig(max_failures)``
 restarts the worker group from the latest checkpoint; checkpoints and run files
-go to ``<storage>/<job_id>`` (a local path or a URI Ray's storage accepts).
-Running a job id again resumes it from its latest checkpoint.
+go to the run directory ``<storage>/<job_id>`` (a local path or a URI Ray's
+storage accepts; default storage ``./runs``). Running a job id again resumes
+it from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ __all__ = [
     "build_trainer",
     "check_job",
     "default_storage",
+    "local_run_directory",
     "resolve_storage",
+    "run_directory",
     "run_job",
 ]
 
@@ -31,9 +34,8 @@ CHECKPOINTS_TO_KEEP = 2
 
 
 def default_storage() -> str:
-    """``$ZEROTRAIN_DATA_DIR/runs``, else ``~/zerotrain/runs``."""
-    base = os.environ.get("ZEROTRAIN_DATA_DIR") or str(Path.home() / "zerotrain")
-    return str(Path(base).expanduser() / "runs")
+    """``./runs``: the ``runs`` directory in the working directory."""
+    return "runs"
 
 
 def resolve_storage(storage: str | os.PathLike | None) -> str:
@@ -42,6 +44,20 @@ def resolve_storage(storage: str | os.PathLike | None) -> str:
     if "://" in storage:
         return storage
     return str(Path(storage).expanduser().resolve())
+
+
+def run_directory(storage: str | os.PathLike | None, job_id: str) -> str:
+    """The run's directory, ``<storage>/<job_id>``: an absolute path or a URI."""
+    return f"{resolve_storage(storage).rstrip('/')}/{job_id}"
+
+
+def local_run_directory(storage: str | os.PathLike | None, job_id: str) -> Path:
+    """Where the run's local files (``ray.log``) go: the run directory when ``storage`` is
+    a local path, else ``./runs/<job_id>`` (a URI's store cannot be appended to)."""
+    directory = run_directory(storage, job_id)
+    if "://" in directory:
+        return Path(resolve_storage(None)) / job_id
+    return Path(directory)
 
 
 def check_job(spec: JobSpec, *, job_id: str, allow_custom_tasks: bool = False) -> None:
@@ -85,7 +101,7 @@ def build_trainer(
         train_loop_config={
             "spec": spec.to_dict(),
             "job_id": job_id,
-            "storage": f"{storage.rstrip('/')}/{job_id}",
+            "storage": run_directory(storage, job_id),
             "allow_custom_tasks": allow_custom_tasks,
             "metrics_file": metrics_file,
         },

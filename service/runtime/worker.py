@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -113,11 +114,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter = make_reporter(metrics_file=config.get("metrics_file")) if rank == 0 else None
     if rank == 0:
         # Plain stdout: it lands in the Ray job's log that the service streams to users.
-        print(
+        _say(
             f"zerotrain: job {config['job_id']} attempt {attempt}: task {spec.task}, "
             f"{world} workers, engine {engine.description}, "
-            + (f"resuming at step {step}" if step else "starting"),
-            flush=True,
+            + (f"resuming at step {step}" if step else "starting")
         )
     try:
         _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
@@ -151,7 +151,7 @@ def _train(
     window = _Window(device)
     engine.module.train()
     if step >= training.max_steps and rank == 0:
-        print(f"zerotrain: step {step} >= max_steps {training.max_steps}: done", flush=True)
+        _say(f"zerotrain: step {step} >= max_steps {training.max_steps}: done")
     while step < training.max_steps:
         # Measuring the update costs a pass over the shard: only for reported steps.
         engine.track_update_stats(_reports_at(training, step + 1))
@@ -181,18 +181,28 @@ def _train(
         window.steps += 1
 
         final = step == training.max_steps
-        saved = None
+        if not _reports_at(training, step):
+            continue
+        # The record first, so that the checkpoint's report (Ray Train's result
+        # metrics) carries its loss and held-out metrics, not only the step.
+        record = _metrics_record(
+            spec, config, task, engine, window, rank, world, attempt, step, final
+        )
         if _checkpoints_at(training, step):
-            saved = _save_checkpoint(spec, config, engine, rank, world, step, position, attempt)
-        if _reports_at(training, step):
-            record = _metrics_record(
-                spec, config, task, engine, window, rank, world, attempt, step, final
+            record["checkpoint"] = _save_checkpoint(
+                spec, config, engine, rank, world, step, position, attempt, _result_metrics(record)
             )
-            if reporter is not None:
-                if saved is not None:
-                    record["checkpoint"] = saved
-                reporter.emit(record)
-            window = _Window(device)
+        # Only now: neither evaluation nor checkpoint writes count as training time.
+        window = _Window(device)
+        if reporter is not None:
+            reporter.emit(record)
+
+
+def _say(line: str) -> None:
+    """One line on stdout. Not ``print``: Ray Train V2 patches it to also log each
+    call, so every printed line would show up twice in the job's log."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _phase_seconds(window: _Window, engine: Engine) -> dict[str, float]:
@@ -217,6 +227,18 @@ def _checkpoints_at(training: TrainingSpec, step: int) -> bool:
 def _reports_at(training: TrainingSpec, step: int) -> bool:
     """Whether a metrics record is emitted after ``step``."""
     return _checkpoints_at(training, step) or step % training.metrics_every == 0
+
+
+def _result_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """What a checkpoint reports to Ray Train: the record's top-level numbers (step,
+    loss, samples/s, held-out metrics such as accuracy), not its bookkeeping."""
+    return {
+        key: value
+        for key, value in record.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and key not in {"time", "rank", "attempt", "world_size"}
+    }
 
 
 def _metrics_record(
@@ -279,9 +301,10 @@ def _save_checkpoint(
     step: int,
     position: int,
     attempt: int,
+    metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """Write this rank's part into a staging dir in the run directory and report it;
-    Train V2 merges the rank dirs into the checkpoint."""
+    """Write this rank's part into a staging dir in the run directory and report it with
+    ``metrics`` (which must hold ``step``); Train V2 merges the rank dirs into the checkpoint."""
     import ray.train
 
     name = f"checkpoint_{step:08d}"
@@ -305,7 +328,7 @@ def _save_checkpoint(
             (directory / CHECKPOINT_META).write_text(json.dumps(meta))
         _write_checksums(directory, rank)
         ray.train.report(
-            {"step": step},
+            {**metrics, "step": step},
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
         )

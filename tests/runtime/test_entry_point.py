@@ -37,6 +37,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
             ["--spec-json", json.dumps({"name": "x", "task": "digits"}), "--job-id", "../etc"],
             "zerotrain: error: job id must match",
         ),
+        (  # the run directory (for ray.log) is made before Ray is contacted
+            [
+                "--spec-json", json.dumps({"name": "x", "task": "digits"}),
+                "--job-id", "j1", "--storage", "/proc/no-such-dir",
+            ],
+            "zerotrain: error: --storage: cannot create /proc/no-such-dir/j1",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message):

@@ -165,7 +165,7 @@ def test_killed_worker_resumes_exactly_then_resumes_on_one_worker(reference, sto
     metrics = storage / "killed.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     command = [
-        sys.executable, "-m", "service.runtime",
+        sys.executable, "-m", "service.runtime", "--machine",
         "--spec-json", json.dumps(spec.to_dict()),
         "--job-id", "killed",
         "--storage", str(storage),
@@ -182,7 +182,13 @@ def test_killed_worker_resumes_exactly_then_resumes_on_one_worker(reference, sto
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output
-    assert "ZEROTRAIN_RESULT " in output
+    results = [line for line in output.splitlines() if line.startswith("ZEROTRAIN_RESULT ")]
+    assert len(results) == 1, output[-2000:]
+    summary = json.loads(results[0].removeprefix("ZEROTRAIN_RESULT "))
+    # The result carries the final record's numbers, not only the step.
+    assert summary["metrics"]["step"] == STEPS and summary["metrics"]["loss"] > 0
+    assert 0 < summary["metrics"]["accuracy"] <= 1 and summary["metrics"]["samples_per_second"] > 0
+    assert summary["checkpoint"] == str(run_dir / f"checkpoint_{STEPS:08d}")
 
     # Ray Train restarted the worker group once, from a checkpoint, on new processes.
     assert (run_dir / "attempt").read_text() == "2"

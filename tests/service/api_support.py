@@ -85,11 +85,13 @@ def spec(name: str = "api-test", **sections: Any) -> JobSpec:
     return JobSpec.from_dict(data)
 
 
-def seed_job(store: JobStore, job_id: str, owner: str, **changes: Any) -> JobRecord:
+def seed_job(
+    store: JobStore, job_id: str, owner: str, *, job_spec: JobSpec | None = None, **changes: Any
+) -> JobRecord:
     """Put a job straight into the store (for tests that must not reach Ray)."""
     now = time.time()
     record = JobRecord(
-        job_id=job_id, owner=owner, spec=spec(job_id), state=JobState.PENDING,
+        job_id=job_id, owner=owner, spec=job_spec or spec(job_id), state=JobState.PENDING,
         state_reason="accepted", created_at=now, updated_at=now, started_at=None,
         finished_at=None, attempt=0, latest_metrics=None, checkpoint=None,
         idempotency_key=None, ray_job_id=None,

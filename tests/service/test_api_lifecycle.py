@@ -170,6 +170,7 @@ def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api, capsys):
     assert code == 0 and job.job_id in out
     code, out = trainctl("logs", job.job_id)
     assert code == 0 and "ZEROTRAIN_METRICS" in out
+    assert "\x1b[" not in out  # not a terminal: Ray's colour codes are stripped
     assert trainctl("cancel", job.job_id)[0] == 6  # finished: FAILED_PRECONDITION
 
 
@@ -279,8 +280,9 @@ def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, cap
         capsys.readouterr()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        stderr = proc.stderr.read()
-        assert "SIGTERM" in stderr and TOKENS["alice"] not in stderr
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        assert "zerotrain: SIGTERM: stopping" in stdout and stdout.endswith("zerotrain: stopped\n")
+        assert TOKENS["alice"] not in stdout + stderr
     finally:
         if proc.poll() is None:
             proc.kill()
