@@ -48,6 +48,16 @@ BENCHES := optim_step zero_train runtime_engines api_latency service_load metric
 bench: setup
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
+# On a machine with CUDA GPUs (and a CUDA build of torch, README "GPU builds"):
+# parity with torch.optim, step timing, ZeroOptimizer on NCCL, a use_gpu job
+# through the service, in under 8 minutes on one GPU; bench/results/gpu_check.json.
+# Exit 2 without a GPU. GPU_CHECK_ARGS="--world all" uses every GPU;
+# bench/gpu_check.py --device cpu is the CPU smoke mode.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 # promtool + prometheus for the observability tests: Debian's package, unpacked
 # into a project-local folder (no root install needed; idempotent). Skipped when
 # promtool and prometheus are already on PATH. Without network access apt gives
