@@ -109,7 +109,7 @@ def _zero(cls, shapes, device, compile: bool) -> Variant:
 def _flat(algorithm: str, numel: int, device, compile: bool) -> Callable[[], None]:
     p, g = torch.randn(numel, device=device), torch.randn(numel, device=device)
     m, u = torch.zeros_like(p), torch.zeros_like(p)
-    mu_product = torch.tensor(1.0, device=device)
+    mu_product = torch.tensor(1.0)  # on the host, as torch keeps it (no device read per step)
     step = [0]
     options = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
 

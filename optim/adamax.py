@@ -81,7 +81,7 @@ class Adamax(_common.TwinOptimizer):
         options = self._options(group)
         if group["capturable"]:
             _common.check_capturable_devices(params, steps)
-            functional.adamax_capturable(params, grads, exp_avgs, exp_infs, steps, **options)
+            functional.adamax(params, grads, exp_avgs, exp_infs, steps, capturable=True, **options)
             return
         functional.adamax(params, grads, exp_avgs, exp_infs, _common.increment_steps(steps),
                           foreach=_common.use_foreach(group["foreach"], params), **options)  # fmt: skip

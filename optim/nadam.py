@@ -113,7 +113,7 @@ class Nadam(_common.TwinOptimizer):
         options = self._options(group, "momentum_decay", "decoupled_weight_decay")
         if group["capturable"]:
             _common.check_capturable_devices(params, mu_products, steps)
-            functional.nadam_capturable(params, grads, *moments, mu_products, steps, **options)
+            functional.nadam(params, grads, *moments, mu_products, steps, capturable=True, **options)
             return
         step_values = _common.increment_steps(steps)
         # mu_product is state, advanced with the betas in force at each step.

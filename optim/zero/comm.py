@@ -1,8 +1,8 @@
-"""Collectives used by ZeroOptimizer, with a no-op path for a single process.
+"""The collectives ZeroOptimizer uses, with a no-op path for a single process.
 
-Every function here is a collective over ``group``: all ranks must call it in
-the same order with tensors of the same sizes. ``group=None`` together with
-``world_size == 1`` means "no process group" and nothing is communicated.
+Every method is a collective over ``group``: all ranks must call it in the same
+order with tensors of the same sizes. Without a group (or with one rank)
+nothing is communicated.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ class _ChunkOnWait:
     """An async all-reduce of a whole bucket that copies this rank's chunk out on ``wait()``."""
 
     def __init__(self, work: dist.Work, chunk: torch.Tensor, out: torch.Tensor) -> None:
-        self._work, self._chunk, self._out = work, chunk, out
-        self._done = False
+        self._work, self._chunk, self._out, self._done = work, chunk, out, False
 
     def is_completed(self) -> bool:
         return self._done or self._work.is_completed()
@@ -49,7 +48,7 @@ class _ChunkOnWait:
 
 @dataclass
 class Communicator:
-    """Thin wrapper over a process group (or none) with this rank's coordinates."""
+    """A process group (or none) with this rank's coordinates."""
 
     group: dist.ProcessGroup | None
     rank: int
@@ -66,9 +65,7 @@ class Communicator:
                 raise ValueError("process_group was given but torch.distributed is not initialised")
             return cls(None, 0, 1)
         world_size = dist.get_world_size(group)
-        if world_size == 1:
-            return cls(None, 0, 1)
-        return cls(group, dist.get_rank(group), world_size)
+        return cls(None, 0, 1) if world_size == 1 else cls(group, dist.get_rank(group), world_size)
 
     @property
     def distributed(self) -> bool:
@@ -78,41 +75,38 @@ class Communicator:
     def backend(self) -> str:
         return str(dist.get_backend(self.group)) if self.distributed else "none"
 
+    @property
+    def device(self) -> torch.device:
+        """Where this backend wants small tensors (NCCL: the current CUDA device)."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def reduce_bucket(self, full: torch.Tensor, piece_out: torch.Tensor | None):
-        """Sum ``full`` over ranks (async).
+        """Sum ``full`` over ranks (async); ``full`` must stay allocated until ``wait()``.
 
-        With ``piece_out`` (reduce-scatter), this rank's piece of the sum is written
-        there by the time the handle's ``wait()`` returns and ``full`` is left as
-        scratch; without it (all-reduce), ``full`` is summed in place. ``full`` must
-        stay allocated until ``wait()``.
-
-        On gloo, torch's reduce-scatter is itself an all-reduce of a full clone of
-        the input, with this rank's chunk copied out in ``wait()`` (and a handle
-        whose ``is_completed()`` never turns true). Doing exactly that on ``full``
-        in place gives the same sums without the extra full-size copy, and a
-        handle that reports completion, so ZeRO-2 can free the bucket early.
+        With ``piece_out`` (reduce-scatter), this rank's piece of the sum is there
+        when the handle's ``wait()`` returns and ``full`` is scratch; without it
+        (all-reduce), ``full`` is summed in place. On gloo, torch's reduce-scatter
+        is itself an all-reduce of a full clone of the input, with this rank's
+        chunk copied out in ``wait()``, and its handle never reports completion.
+        Doing exactly that on ``full`` in place gives the same sums without the
+        copy, and a handle that reports completion, so ZeRO-2 frees buckets early.
         """
         if not self.distributed:
             if piece_out is not None:
                 piece_out.copy_(full)
             return _Done()
-        if piece_out is not None:
-            if self._gloo and self.gloo_reduce_scatter_in_place:
-                work = dist.all_reduce(full, group=self.group, async_op=True)
-                lo = self.rank * piece_out.numel()
-                return _ChunkOnWait(work, full[lo : lo + piece_out.numel()], piece_out)
-            return _reduce_scatter(piece_out, full, group=self.group, async_op=True)
-        return dist.all_reduce(full, group=self.group, async_op=True)
-
-    @property
-    def _gloo(self) -> bool:
-        return self.backend == "gloo"
+        if piece_out is None:
+            return dist.all_reduce(full, group=self.group, async_op=True)
+        if self.backend == "gloo" and self.gloo_reduce_scatter_in_place:
+            work = dist.all_reduce(full, group=self.group, async_op=True)
+            lo = self.rank * piece_out.numel()
+            return _ChunkOnWait(work, full[lo : lo + piece_out.numel()], piece_out)
+        return _reduce_scatter(piece_out, full, group=self.group, async_op=True)
 
     def gather_bucket(self, full: torch.Tensor, piece: torch.Tensor):
-        """All-gather every rank's ``piece`` into ``full`` (async).
-
-        ``piece`` may be this rank's own view inside ``full`` (in place).
-        """
+        """All-gather every rank's ``piece`` into ``full`` (async; ``piece`` may be a view of it)."""
         if not self.distributed:
             if piece.data_ptr() != full.data_ptr():
                 full.copy_(piece)
@@ -140,13 +134,6 @@ class Communicator:
         _all_gather(out, local, group=self.group)
         return out.view(self.world_size, -1).to(tensor.device)
 
-    @property
-    def device(self) -> torch.device:
-        """Where this backend wants small tensors (NCCL: the current CUDA device)."""
-        if self.distributed and self.backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def all_gather_object(self, obj: object) -> list[object]:
         """Gather a picklable object from every rank."""
         if not self.distributed:
@@ -154,15 +141,3 @@ class Communicator:
         out: list[object] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
-
-    def broadcast_object(self, obj: object, src: int = 0) -> object:
-        """Broadcast a picklable object from group rank ``src``."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, group_src=src, group=self.group)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(group=self.group)

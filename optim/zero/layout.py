@@ -21,7 +21,9 @@ checkpoint saved at N ranks load at M.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -125,11 +127,7 @@ class Layout:
 
 
 def build_layout(
-    group_params: list[list[torch.Tensor]],
-    *,
-    world_size: int,
-    bucket_numel: int,
-    align: int = 32,
+    group_params: list[list[torch.Tensor]], *, world_size: int, bucket_numel: int, align: int = 32
 ) -> Layout:
     """Lay out the trainable tensors of ``group_params`` (a list per param group).
 
@@ -140,66 +138,53 @@ def build_layout(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if bucket_numel < 1:
         raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
-    buffers: list[FlatBuffer] = []
-    by_key: dict[tuple[torch.dtype, torch.device], int] = {}
-    # First pass: assign slots to buffers in optimizer order.
-    pending: list[tuple[int, int, int, torch.Tensor, int]] = []  # index, group, buffer, p, logical
+    # Trainable tensors in optimizer order, one flat buffer per (dtype, device):
+    # (optimizer index, group, tensor, logical offset).
+    members: dict[tuple[torch.dtype, torch.device], list[tuple[int, int, torch.Tensor, int]]] = {}
     index = logical = 0
     for g, params in enumerate(group_params):
         for p in params:
             if p.requires_grad:
-                key = (p.dtype, p.device)
-                if key not in by_key:
-                    by_key[key] = len(buffers)
-                    buffers.append(FlatBuffer(p.dtype, p.device))
-                pending.append((index, g, by_key[key], p, logical))
+                members.setdefault((p.dtype, p.device), []).append((index, g, p, logical))
                 logical += p.numel()
             index += 1
-
-    slots: list[Slot] = []
-    buckets: list[Bucket] = []
+    layout = Layout(world_size, [], [], [], logical)
     quantum = world_size * align
-    for b_idx, buf in enumerate(buffers):
-        members = [item for item in pending if item[2] == b_idx]
-        offset = 0
-        current: list[tuple[int, int, int, torch.Tensor, int]] = []
-        current_numel = 0
-
-        def close(
-            items: list[tuple[int, int, int, torch.Tensor, int]],
-            numel: int,
-            start: int,
-            buf: FlatBuffer = buf,
-            b_idx: int = b_idx,
-        ) -> int:
+    for b_idx, ((dtype, device), items) in enumerate(members.items()):
+        buf = FlatBuffer(dtype, device)
+        layout.buffers.append(buf)
+        for bucket_items in _fill_buckets(items, bucket_numel):
+            numel = sum(p.numel() for _, _, p, _ in bucket_items)
             padded = -(-numel // quantum) * quantum
-            bucket_id = len(buckets)
-            slot_ids = []
+            bucket_id, start = len(layout.buckets), buf.numel
             cursor = start
-            for index_, g_, _, p_, logical_ in items:
-                slot_ids.append(len(slots))
-                buf.slots.append(len(slots))
-                slots.append(
-                    Slot(index_, g_, b_idx, bucket_id, cursor, p_.numel(), logical_, tuple(p_.shape))
-                )
-                cursor += p_.numel()
+            for index, g, p, logical_start in bucket_items:
+                buf.slots.append(len(layout.slots))
+                layout.slots.append(Slot(index, g, b_idx, bucket_id, cursor, p.numel(),
+                                         logical_start, tuple(p.shape)))  # fmt: skip
+                cursor += p.numel()
             piece = padded // world_size
-            buckets.append(
-                Bucket(bucket_id, b_idx, start, start + padded, tuple(slot_ids), piece, buf.shard_numel)
+            slot_ids = tuple(buf.slots[-len(bucket_items) :])
+            layout.buckets.append(
+                Bucket(bucket_id, b_idx, start, start + padded, slot_ids, piece, buf.shard_numel)
             )
             buf.buckets.append(bucket_id)
             buf.shard_numel += piece
-            return start + padded
+            buf.numel = start + padded
+    return layout
 
-        for item in members:
-            n = item[3].numel()
-            if current and current_numel + n > bucket_numel:
-                offset = close(current, current_numel, offset)
-                current, current_numel = [], 0
-            current.append(item)
-            current_numel += n
-        if current:
-            offset = close(current, current_numel, offset)
-        buf.numel = offset
-    # Keep slots ordered by optimizer index for lookups by index.
-    return Layout(world_size, buffers, buckets, slots, logical)
+
+def _fill_buckets(items: list[Any], bucket_numel: int) -> Iterator[list[Any]]:
+    """Whole tensors, in order, into buckets of about ``bucket_numel`` elements (a
+    larger tensor gets a bucket of its own)."""
+    bucket: list[Any] = []
+    size = 0
+    for item in items:
+        n = item[2].numel()
+        if bucket and size + n > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += n
+    if bucket:
+        yield bucket

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from optim import functional
+from optim import _fused, functional
 from optim.functional import adamax_step, nadam_step
 
 SHAPES = [(17, 5), (301, 500), (33,), (4, 3, 2), (1,)]  # odd sizes; > 2 eager chunks in all
@@ -251,7 +251,7 @@ def test_compiled_step_is_the_ieee_evaluation_and_never_recompiles(algorithm, op
 
 
 def test_compile_falls_back_to_eager_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(functional, "_compile_probe", lambda: False)
+    monkeypatch.setattr(_fused, "_probe", lambda: False)
     lrs = [0.01] * 3
     options = {"weight_decay": 0.0, "momentum_decay": 4e-3, "decoupled_weight_decay": False}
     fallback = _run("nadam", True, 3, lrs, maximize=False, **options)

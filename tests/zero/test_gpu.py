@@ -21,7 +21,7 @@ def test_cuda_single_process_matches_torch(cls, torch_cls) -> None:
     net, ref = workers.make_net().cuda(), workers.make_net().cuda()
     opt = ZeroOptimizer(net.groups(lr=5e-3), cls, bucket_mb=workers.TINY_BUCKET_MB, lr=1e-2)
     ref_opt = torch_cls(ref.groups(lr=5e-3), lr=1e-2, foreach=False)
-    assert opt._flat[0].is_cuda and opt._state[0][0].is_cuda
+    assert opt.shard.flat[0].is_cuda and opt.shard.state[0][0].is_cuda
     for step in range(20):
         for model, o in ((net, opt), (ref, ref_opt)):
             o.zero_grad()
