@@ -4,24 +4,27 @@ Every variant trains the same GPT-like model (>= 10M parameters) with Nadam on
 the same data, seed and steps, on 2 CPU ranks over gloo, each variant in its own
 freshly spawned process group (so peak RSS is per variant):
 
-* ``zero-<sync>-<overlap>``: ``optim.ZeroOptimizer`` (no DDP wrapper), each
-  ``grad_sync`` mode with overlap on and off;
+* ``zero-<sync>-<overlap>[-compile]``: ``optim.ZeroOptimizer`` (no DDP wrapper),
+  each ``grad_sync`` mode with overlap on and off, eager (its defaults) and with
+  the fused ``compile=True`` step;
 * ``ddp``: ``DistributedDataParallel`` + ``torch.optim.NAdam``;
 * ``torch-zero``: ``DistributedDataParallel`` + torch's ``ZeroRedundancyOptimizer``;
 * ``deepspeed-z1`` / ``deepspeed-z2``: DeepSpeed ZeRO stage 1 / 2 with
   ``optim.Nadam`` as its client optimizer (``DS_ACCELERATOR=cpu``,
   ``zero_allow_untested_optimizer``, ``gradient_clipping: 0``).
 
-Reported per variant: samples/s (after warm-up), optimizer-state bytes per rank
-(moments, step counters and any fp32 master copy the optimizer keeps), peak RSS
-per rank, and the final loss (which must agree across variants). For
-ZeroOptimizer also the gradient bytes a rank holds (``ZeroOptimizer.grad_bytes``)
-right after backward and between steps: reduce-scatter (ZeRO-2) frees all but
-the reduced 1/N slice. Variants run
-``--rounds`` times in alternating order; samples/s is each variant's best round
-(all rounds are in the JSON), since other load on a shared machine only slows.
+Reported per variant: the median step time over every measured step of every
+round (``--rounds`` x ``--steps``, at least 30 by default) and samples/s from it,
+optimizer-state bytes per rank (one definition for every optimizer:
+``service.runtime.engines.optimizer_state_bytes``, moments and master copies,
+DeepSpeed's fp32 partition included), peak RSS per rank, and the final loss
+(which must agree across variants). For ZeroOptimizer also the gradient bytes a
+rank holds (``ZeroOptimizer.grad_bytes``) right after backward and between
+steps: reduce-scatter (ZeRO-2) frees all but the reduced 1/N slice. The rounds
+interleave the variants, alternating their order, so a change of load on a
+shared machine hits all of them alike.
 
-    .venv/bin/python bench/zero_train.py [--steps 8] [--warmup 2] [--variants ...]
+    .venv/bin/python bench/zero_train.py [--steps 10] [--rounds 3] [--variants ...]
 
 Writes a table to stdout and ``bench/results/zero_train.json``.
 """
@@ -34,6 +37,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -48,11 +52,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+LOAD_AT_START = os.getloadavg()
+
 VARIANTS = [
     "zero-all_reduce-overlap",
     "zero-all_reduce-no_overlap",
     "zero-reduce_scatter-overlap",
     "zero-reduce_scatter-no_overlap",
+    "zero-all_reduce-overlap-compile",
+    "zero-reduce_scatter-overlap-compile",
     "ddp",
     "torch-zero",
     "deepspeed-z1",
@@ -111,29 +119,19 @@ def make_batch(step: int, rank: int, cfg: dict) -> tuple[torch.Tensor, torch.Ten
 # ---------------------------------------------------------------- variants
 
 
-def _tensor_bytes(obj: object) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
 def _build(variant: str, model: nn.Module, cfg: dict):
     """Return (forward_backward(tokens, targets) -> loss, step(), state_bytes(), grad_bytes).
 
     ``grad_bytes`` is a function (ZeroOptimizer) or None (not measured).
     """
     from optim import Nadam, ZeroOptimizer
+    from service.runtime.engines import optimizer_state_bytes
 
     lr = cfg["lr"]
     if variant.startswith("zero-"):
-        _, sync, ov = variant.split("-")
-        opt = ZeroOptimizer(
-            model.parameters(), Nadam, grad_sync=sync, overlap=ov == "overlap", lr=lr
-        )
+        _, sync, ov, *extra = variant.split("-")
+        opt = ZeroOptimizer(model.parameters(), Nadam, grad_sync=sync, overlap=ov == "overlap",
+                            compile="compile" in extra, lr=lr)  # fmt: skip
 
         def fwd_bwd(x, y):
             loss = model(x, y)
@@ -152,12 +150,12 @@ def _build(variant: str, model: nn.Module, cfg: dict):
         ddp = DistributedDataParallel(model, bucket_cap_mb=25)
         if variant == "ddp":
             opt = torch.optim.NAdam(model.parameters(), lr=lr)
-            state = lambda: _tensor_bytes(opt.state)  # noqa: E731
+            state = lambda: optimizer_state_bytes(dict(opt.state))  # noqa: E731
         else:
             opt = ZeroRedundancyOptimizer(
                 model.parameters(), optimizer_class=torch.optim.NAdam, lr=lr
             )
-            state = lambda: _tensor_bytes(opt.optim.state)  # noqa: E731
+            state = lambda: optimizer_state_bytes(dict(opt.optim.state))  # noqa: E731
 
         def fwd_bwd(x, y):
             loss = ddp(x, y)
@@ -199,7 +197,7 @@ def _build(variant: str, model: nn.Module, cfg: dict):
 
         def state():
             masters = getattr(optimizer, "single_partition_of_fp32_groups", [])
-            return _tensor_bytes(optimizer.optimizer.state) + _tensor_bytes(list(masters))
+            return optimizer_state_bytes(dict(optimizer.optimizer.state), list(masters))
 
         return fwd_bwd, engine.step, state, None
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -251,8 +249,7 @@ def _worker(rank: int, world_size: int, store_path: str, variant: str, cfg: dict
         result = {
             "variant": variant,
             "params": n_params,
-            "samples_per_s": cfg["batch"] * world_size * len(measured) / sum(measured),
-            "step_s_mean": sum(measured) / len(measured),
+            "step_s": measured,
             "state_bytes_per_rank": [r["state_bytes"] for r in rows],
             "peak_rss_bytes_per_rank": [r["rss_bytes"] for r in rows],
             "grad_bytes_after_backward_per_rank": (
@@ -283,14 +280,14 @@ def run_variant(variant: str, cfg: dict, world_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--dim", type=int, default=320)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="repeat every variant, keep the best")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "zero_train.json"))
@@ -300,8 +297,8 @@ def main() -> None:
         "context": args.context, "batch": args.batch, "lr": 1e-3, "seed": 0,
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
     }  # fmt: skip
-    # The machine is shared: run the variants in rounds, alternating the order, and
-    # keep each variant's best round (the one least disturbed by other load).
+    # Rounds interleave the variants, alternating their order; each variant's steps of
+    # every round are pooled and the median step time reported.
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for round_ in range(args.rounds):
         order = args.variants if round_ % 2 == 0 else list(reversed(args.variants))
@@ -311,9 +308,15 @@ def main() -> None:
             print(f"# round {round_}: {variant} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     results = []
     for variant in args.variants:
-        best = dict(max(runs[variant], key=lambda r: r["samples_per_s"]))
-        best["samples_per_s_rounds"] = [r["samples_per_s"] for r in runs[variant]]
-        results.append(best)
+        rounds = runs[variant]
+        steps = sorted(t for r in rounds for t in r["step_s"])
+        result = dict(rounds[-1])  # memory and loss: the same every round
+        result["step_s"] = [r["step_s"] for r in rounds]
+        result["measured_steps"] = len(steps)
+        result["step_s_median"] = statistics.median(steps)
+        result["step_s_p10_p90"] = [steps[len(steps) // 10], steps[(9 * len(steps)) // 10]]
+        result["samples_per_s"] = cfg["batch"] * args.world_size / result["step_s_median"]
+        results.append(result)
     report(results, cfg, args)
 
 
@@ -323,7 +326,7 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
     finals = [r["final_loss"] for r in results]
     spread = (max(finals) - min(finals)) / abs(min(finals))
     header = (
-        f"{'variant':32} {'samples/s':>10} {'vs ddp':>7} {'state MiB/rank':>15} "
+        f"{'variant':36} {'ms/step':>8} {'samples/s':>10} {'vs ddp':>7} {'state MiB/rank':>15} "
         f"{'vs torch.optim':>15} {'peak RSS MiB/rank':>18} {'grad MiB bwd/between':>21} "
         f"{'final loss':>11}"
     )
@@ -341,15 +344,18 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
             between = max(r["grad_bytes_between_steps_per_rank"]) / 2**20
             grads = f"{bwd:.1f}/{between:.1f}"
         print(
-            f"{r['variant']:32} {r['samples_per_s']:10.2f} {speed:7.2f} {state / 2**20:15.2f} "
+            f"{r['variant']:36} {r['step_s_median'] * 1e3:8.1f} {r['samples_per_s']:10.2f} "
+            f"{speed:7.2f} {state / 2**20:15.2f} "
             f"{ratio:15.3f} {rss:>18} {grads:>21} {r['final_loss']:11.6f}"
         )
     print(f"\nparams: {results[0]['params']:,}; final-loss relative spread: {spread:.2e}")
     machine = {
         "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "loadavg_at_start": LOAD_AT_START,
         "loadavg_at_end": os.getloadavg(),
     }
     out = Path(args.out)
@@ -366,6 +372,16 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Bucket", "FlatBuffer", "Layout", "Segment", "Slot", "build_layout"]
+__all__ = ["Bucket", "FlatBuffer", "Layout", "Segment", "Slot", "build_layout", "layout_for"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,17 @@ class Layout:
             lo = slot.logical_start + seg.flat_lo - slot.start
             runs.append((seg.buffer, seg.shard_lo, lo, lo + seg.numel))
         return runs
+
+
+def layout_for(groups: list[dict[str, Any]], world_size: int, bucket_mb: float) -> Layout:
+    """The layout of an optimizer's param groups, with buckets of about ``bucket_mb`` MiB."""
+    params = [p for g in groups for p in g["params"]]
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("a parameter appears more than once in the param groups")
+    itemsize = max((p.element_size() for p in params), default=4)  # the widest dtype present
+    bucket_numel = max(1, int(bucket_mb * 2**20) // itemsize)
+    return build_layout([g["params"] for g in groups], world_size=world_size,
+                        bucket_numel=bucket_numel)  # fmt: skip
 
 
 def build_layout(

@@ -1,26 +1,19 @@
 """ZeroOptimizer: Adamax / Nadam with optimizer state sharded over data-parallel ranks.
 
-Three parts, each in its own module:
-
-* ``GradientReducer`` (``reducer.py``): gradient buckets and their hooks;
-  averages gradients over the ranks during backward (all-reduce, or ZeRO-2
-  reduce-scatter that frees each bucket once reduced).
-* ``ShardedState`` (``shard.py``): the flat parameter buffers, this rank's
-  shard of the optimizer state, the update kernel and the parameter gather.
-* monitoring (``stats.py``, ``timing.py``): measured only when asked.
-
-``step()`` joins them: finish the reductions, agree with the other ranks on
-the global gradient norm and on which parameters got a gradient (one small
-all-reduce, the step's one read to the host), clip, update this rank's shard,
-gather the parameters.
+It joins three parts: ``GradientReducer`` (``reducer.py``: gradient buckets,
+averaged over the ranks during backward), ``ShardedState`` (``shard.py``: flat
+parameter buffers, this rank's shard of the state, the update and the gather)
+and monitoring measured only when asked (``stats.py``, ``timing.py``). A step:
+finish the reductions, agree with the other ranks on the global gradient norm
+and on which parameters got a gradient (one small all-reduce, the step's one
+read to the host), clip, update this rank's shard, gather the parameters.
 
 Parity with ``torch.optim``: a parameter that received no gradient on *any*
-rank since the last step is not updated and its step count does not advance
-(one that got a gradient on some ranks only is averaged with zeros from the
-others, as DDP does); a step whose gradient is non-finite on any rank is
-skipped on every rank. ``step`` and Nadam's ``mu_product`` are per-parameter
-state carried from step to step, as torch carries them, so learning-rate and
-momentum schedules and a float64 default dtype behave as in torch.
+rank since the last step is not updated (one that got a gradient on some ranks
+only is averaged with zeros from the others, as DDP does); a step whose
+gradient is non-finite on any rank is skipped on every rank. ``step`` and
+Nadam's ``mu_product`` are per-parameter state carried from step to step, as
+torch carries them, so schedules and a float64 default dtype behave as in torch.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ from optim.nadam import Nadam
 from optim.zero import checkpoint, state_dict
 from optim.zero.algorithms import Algorithm, resolve_algorithm
 from optim.zero.comm import Communicator
-from optim.zero.layout import Layout, build_layout
+from optim.zero.layout import Layout, layout_for
 from optim.zero.reducer import GradientReducer
 from optim.zero.shard import ShardedState
 from optim.zero.stats import UpdateTracker, compute_stats
@@ -142,7 +135,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.compile = bool(compile)
         self.track_update_stats = bool(track_update_stats)
 
-        self.layout: Layout = _build_layout(self.param_groups, self.comm.world_size, self.bucket_mb)
+        self.layout: Layout = layout_for(self.param_groups, self.comm.world_size, self.bucket_mb)
         all_params = [p for g in self.param_groups for p in g["params"]]
         slot_params = [all_params[slot.index] for slot in self.layout.slots]
         self.reducer = GradientReducer(slot_params, self.layout, self.comm,
@@ -443,17 +436,6 @@ def _check_options(grad_sync: str, bucket_mb: float, clip_grad_norm: float | Non
             "differentiable=True is not supported by ZeroOptimizer: the sharded update runs "
             "without autograd; use torch.optim's classes to differentiate through steps"
         )
-
-
-def _build_layout(groups: list[dict[str, Any]], world_size: int, bucket_mb: float) -> Layout:
-    params = [p for g in groups for p in g["params"]]
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("a parameter appears more than once in the param groups")
-    # A bucket of ~bucket_mb MiB for the widest dtype present.
-    itemsize = max((p.element_size() for p in params), default=4)
-    bucket_numel = max(1, int(bucket_mb * 2**20) // itemsize)
-    return build_layout([g["params"] for g in groups], world_size=world_size,
-                        bucket_numel=bucket_numel)  # fmt: skip
 
 
 def _norm_dtype(t: torch.Tensor) -> torch.dtype:

@@ -22,7 +22,14 @@ from torch import nn
 
 from service.spec import JobSpec
 
-__all__ = ["DeepSpeedEngine", "Engine", "NativeEngine", "make_engine", "optimizer_class"]
+__all__ = [
+    "DeepSpeedEngine",
+    "Engine",
+    "NativeEngine",
+    "make_engine",
+    "optimizer_class",
+    "optimizer_state_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,23 @@ def optimizer_class(algorithm: str) -> type[torch.optim.Optimizer]:
     from optim import Adamax, Nadam
 
     return {"adamax": Adamax, "nadam": Nadam}[algorithm]
+
+
+def optimizer_state_bytes(*holders: object) -> int:
+    """Bytes of optimizer state in ``holders`` (state dicts, lists of tensors), counted one way
+    for every optimizer and benchmark: the tensors kept between steps to compute the update,
+    moments and any master copy of the parameters (DeepSpeed's fp32 partition too); 0-dim
+    per-parameter counters (``step``, ``mu_product``) are left out."""
+    total, pending = 0, list(holders)
+    while pending:
+        obj = pending.pop()
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size() if obj.dim() > 0 else 0
+        elif isinstance(obj, dict):
+            pending.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            pending.extend(obj)
+    return total
 
 
 class Engine:
@@ -208,12 +232,8 @@ class DeepSpeedEngine(Engine):
 
     def state_bytes(self) -> int:
         inner = getattr(self.opt, "optimizer", self.opt)
-        return sum(
-            t.numel() * t.element_size()
-            for state in inner.state.values()
-            for t in state.values()
-            if torch.is_tensor(t)
-        )
+        masters = getattr(self.opt, "single_partition_of_fp32_groups", [])
+        return optimizer_state_bytes(dict(inner.state), list(masters))
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
