@@ -15,6 +15,8 @@ freshly spawned process group (so peak RSS is per variant):
 
 Reported per variant: the median step time over every measured step of every
 round (``--rounds`` x ``--steps``, at least 30 by default) and samples/s from it,
+its speed relative to DDP (pooled, and the median of the per-round ratios, which a
+machine whose speed drifts over minutes disturbs less),
 optimizer-state bytes per rank (one definition for every optimizer:
 ``service.runtime.engines.optimizer_state_bytes``, moments and master copies,
 DeepSpeed's fp32 partition included), peak RSS per rank, and the final loss
@@ -317,6 +319,14 @@ def main() -> None:
         result["step_s_p10_p90"] = [steps[len(steps) // 10], steps[(9 * len(steps)) // 10]]
         result["samples_per_s"] = cfg["batch"] * args.world_size / result["step_s_median"]
         results.append(result)
+    if "ddp" in runs:  # this machine's speed drifts over minutes: compare within each round
+        for result in results:
+            ratios = [
+                statistics.median(d["step_s"]) / statistics.median(r["step_s"])
+                for r, d in zip(runs[result["variant"]], runs["ddp"], strict=True)
+            ]
+            result["x_ddp_per_round"] = ratios
+            result["x_ddp_median_of_rounds"] = statistics.median(ratios)
     report(results, cfg, args)
 
 
@@ -326,7 +336,8 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
     finals = [r["final_loss"] for r in results]
     spread = (max(finals) - min(finals)) / abs(min(finals))
     header = (
-        f"{'variant':36} {'ms/step':>8} {'samples/s':>10} {'vs ddp':>7} {'state MiB/rank':>15} "
+        f"{'variant':36} {'ms/step':>8} {'samples/s':>10} {'vs ddp':>7} {'rounds':>7} "
+        f"{'state MiB/rank':>15} "
         f"{'vs torch.optim':>15} {'peak RSS MiB/rank':>18} {'grad MiB bwd/between':>21} "
         f"{'final loss':>11}"
     )
@@ -345,7 +356,7 @@ def report(results: list[dict], cfg: dict, args: argparse.Namespace) -> None:
             grads = f"{bwd:.1f}/{between:.1f}"
         print(
             f"{r['variant']:36} {r['step_s_median'] * 1e3:8.1f} {r['samples_per_s']:10.2f} "
-            f"{speed:7.2f} {state / 2**20:15.2f} "
+            f"{speed:7.2f} {r.get('x_ddp_median_of_rounds', math.nan):7.2f} {state / 2**20:15.2f} "
             f"{ratio:15.3f} {rss:>18} {grads:>21} {r['final_loss']:11.6f}"
         )
     print(f"\nparams: {results[0]['params']:,}; final-loss relative spread: {spread:.2e}")
