@@ -31,8 +31,9 @@ def _spec(name: str, algorithm: str) -> dict:
         "name": name,
         "task": "digits",
         "optimizer": {"algorithm": algorithm, "lr": 0.002},
-        "sharding": {"engine": "native", "stage": 2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "sharding": {"engine": "native", "stage": 2, "compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+        # Half a CPU per worker: both jobs run at once on the session's 2-CPU head.
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "training": {"max_steps": 40, "batch_size": 32, "metrics_every": 2, "checkpoint_every": 40},
     }
 
@@ -121,7 +122,9 @@ def _finite_values(result: list[dict]) -> list[float]:
     return [float(r["value"][1]) for r in result if math.isfinite(float(r["value"][1]))]
 
 
-def test_every_dashboard_query_returns_data(prometheus_bin, promtool, tmp_path: Path, monkeypatch):
+def test_every_dashboard_query_returns_data(
+    prometheus_bin, promtool, ray_cluster: str, tmp_path: Path, monkeypatch
+):
     from service.api.zerotrain.v1 import job_service_pb2 as pb
     from service.client import JobClient
     from service.config import ServerConfig
@@ -136,7 +139,7 @@ def test_every_dashboard_query_returns_data(prometheus_bin, promtool, tmp_path: 
             metrics_port=0,
             health_port=0,  # any free port: never another service's
             data_dir=tmp_path / "data",
-            ray_num_cpus=4,
+            ray_address=ray_cluster,  # the session's head (2 CPUs)
             tokens_file=tokens,
         )
     ).start()

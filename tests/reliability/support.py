@@ -214,6 +214,7 @@ def job_spec_message(**overrides: Any) -> pb.JobSpec:
     msg.scaling.num_workers = 1
     msg.scaling.cpus_per_worker = 1
     msg.training.max_steps = 2
+    msg.sharding.compile = False  # the fused step's torch.compile start-up is tested in tests/runtime
     for key, value in overrides.items():
         setattr(msg, key, value)
     return msg

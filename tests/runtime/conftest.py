@@ -9,8 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
@@ -23,18 +21,10 @@ def ray_address() -> Iterator[str]:
         "TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "zt-torch-extensions")
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Train V2 collects reports (and registers checkpoints) on this poll interval (2 s by
-    # default); a short one keeps the checkpoint-heavy tests fast. Trainers started from
-    # this process (and the entry-point subprocess) pass it on to their controller.
-    previous = os.environ.get(_INTERVAL)
-    os.environ[_INTERVAL] = "0.2"
+    # Train V2's poll interval is short for every test (tests/conftest.py).
     ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-        if previous is None:
-            os.environ.pop(_INTERVAL, None)
-        else:
-            os.environ[_INTERVAL] = previous

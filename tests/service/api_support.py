@@ -78,6 +78,7 @@ def spec(name: str = "api-test", **sections: Any) -> JobSpec:
         "task": "digits",
         "labels": {"suite": "api"},
         "scaling": {"num_workers": 1},
+        "sharding": {"compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
         "training": {"max_steps": 4},
     }
     for key, value in sections.items():

@@ -67,6 +67,7 @@ def make_spec(name: str, **scaling) -> JobSpec:
             "task": "digits",
             "labels": {"suite": "jobs"},
             "scaling": {"num_workers": 1, **scaling},
+            "sharding": {"compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
             "training": {"max_steps": 4},
         }
     )
@@ -362,6 +363,7 @@ def test_real_runtime_job_end_to_end(tmp_path: Path, ray_jobs: RayJobs):
                 "name": "digits-e2e",
                 "task": "digits",
                 "scaling": {"num_workers": 2},
+                "sharding": {"compile": False},
                 "training": {
                     "max_steps": 6, "batch_size": 16, "metrics_every": 2, "checkpoint_every": 3,
                 },
