@@ -24,7 +24,9 @@ SPEC = {
     "name": "multinode-spread",
     "task": "regression",
     "optimizer": {"algorithm": "adamax", "lr": 0.01},
-    "sharding": {"engine": "native", "stage": 2, "compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+    # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+    # worker) is tested in tests/runtime.
+    "sharding": {"engine": "native", "stage": 2, "compile": False},
     "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement": "SPREAD"},
     "training": {"max_steps": 6, "batch_size": 16, "metrics_every": 3, "checkpoint_every": 6},
 }

@@ -31,7 +31,9 @@ def _spec(name: str, algorithm: str) -> dict:
         "name": name,
         "task": "digits",
         "optimizer": {"algorithm": algorithm, "lr": 0.002},
-        "sharding": {"engine": "native", "stage": 2, "compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+        # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+        # worker) is tested in tests/runtime.
+        "sharding": {"engine": "native", "stage": 2, "compile": False},
         # Half a CPU per worker: both jobs run at once on the session's 2-CPU head.
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "training": {"max_steps": 40, "batch_size": 32, "metrics_every": 2, "checkpoint_every": 40},

@@ -51,7 +51,9 @@ SPEC: dict[str, Any] = {
     "task_args": {"hidden": 64, "depth": 2, "step_period_s": 0.05},
     "labels": {"suite": "faults"},
     "optimizer": {"algorithm": "nadam", "lr": 3e-3},
-    "sharding": {"engine": "native", "stage": 2, "bucket_mb": 0.05, "compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+    # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+    # worker) is tested in tests/runtime.
+    "sharding": {"engine": "native", "stage": 2, "bucket_mb": 0.05, "compile": False},
     "scaling": {"num_workers": 2, "cpus_per_worker": 1},
     "training": {
         "max_steps": STEPS,

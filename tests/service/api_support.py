@@ -78,7 +78,9 @@ def spec(name: str = "api-test", **sections: Any) -> JobSpec:
         "task": "digits",
         "labels": {"suite": "api"},
         "scaling": {"num_workers": 1},
-        "sharding": {"compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+        # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+        # worker) is tested in tests/runtime.
+        "sharding": {"compile": False},
         "training": {"max_steps": 4},
     }
     for key, value in sections.items():

@@ -41,7 +41,9 @@ def job_spec(name: str, max_steps: int, **training) -> dict:
         "task_args": {"hidden": 32, "depth": 1},
         "labels": {"suite": "api-lifecycle"},
         "optimizer": {"algorithm": "nadam", "lr": 0.01},
-        "sharding": {"engine": "native", "stage": 2, "compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+        # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+        # worker) is tested in tests/runtime.
+        "sharding": {"engine": "native", "stage": 2, "compile": False},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "training": {"max_steps": max_steps, "batch_size": 16, "metrics_every": 5,
                      "checkpoint_every": 10, **training},

@@ -67,7 +67,9 @@ def make_spec(name: str, **scaling) -> JobSpec:
             "task": "digits",
             "labels": {"suite": "jobs"},
             "scaling": {"num_workers": 1, **scaling},
-            "sharding": {"compile": False},  # the fused step's torch.compile start-up (~5 s a worker) is tested in tests/runtime
+            # Eager optimizer step: the fused one's torch.compile start-up (~5 s a
+            # worker) is tested in tests/runtime.
+            "sharding": {"compile": False},
             "training": {"max_steps": 4},
         }
     )
