@@ -30,7 +30,10 @@ def _entry(
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; re-raise failures.
 
-    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``.
+    ``backend="nccl"`` puts rank ``r`` on ``cuda:r``. Ranks are forked from a
+    server process that has imported torch and the workers once (``forkserver``),
+    so starting a group costs a fork, not a Python start and a torch import
+    (a fresh interpreter per rank for CUDA, which a fork must not inherit).
     """
     with tempfile.TemporaryDirectory(prefix="zero-store-") as tmp:
         store_path = os.path.join(tmp, "store")
@@ -39,5 +42,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
             args=(fn, world_size, store_path, backend, args),
             nprocs=world_size,
             join=True,
-            start_method="spawn",
+            start_method="spawn" if backend == "nccl" else "forkserver",
         )
+
+
+# Imported once by the fork server, before it forks any rank.
+mp.set_forkserver_preload(["torch", "torch.distributed", f"{__package__}.workers",
+                           f"{__package__}.corner_workers"])  # fmt: skip
