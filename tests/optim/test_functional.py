@@ -37,8 +37,12 @@ def _kwargs(options: dict, maximize: bool) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("algorithm", ["adamax", "nadam"])
-def test_flat_buffer_equals_torch_per_tensor(algorithm: str, maximize: bool, dtype) -> None:
-    # One call on a flat buffer holding four parameters == torch.optim on each parameter.
+def test_flat_buffer_equals_torch_per_tensor(
+    algorithm: str, maximize: bool, dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One call on a flat buffer holding four parameters == torch.optim on each parameter,
+    # with the flat buffer stepped in cache-sized pieces as a huge shard is.
+    monkeypatch.setattr(functional, "_CHUNK_FROM", 2 * functional._EAGER_CHUNK)
     flat_param, _ = _flat_and_views(dtype, seed=0)
     params = [torch.nn.Parameter(v.clone()) for v in _flat_and_views(dtype, seed=0)[1]]
     m, u = torch.zeros_like(flat_param), torch.zeros_like(flat_param)
