@@ -62,6 +62,7 @@ VARIANTS = [
     "zero-reduce_scatter-overlap",
     "zero-reduce_scatter-no_overlap",
     "zero-all_reduce-overlap-compile",
+    "zero-all_reduce-no_overlap-compile",
     "zero-reduce_scatter-overlap-compile",
     "ddp",
     "torch-zero",
