@@ -31,8 +31,10 @@ typecheck: setup
 # Every run ends with the skip reasons and the 15 slowest tests.
 PYTEST := $(PY) -m pytest -rs --durations=15
 
+# Two pytest workers: the tests marked `ray` (one xdist group, one Ray head) on
+# one, everything else on the other (tests/conftest.py).
 test: setup lint prometheus
-	$(PYTEST)
+	$(PYTEST) -n 2 --dist loadgroup
 
 # The edit-test loop: everything but the tests that start a Ray cluster or a
 # service subprocess (marked `ray`); multi-process gloo tests included.
