@@ -51,9 +51,10 @@ def _serve(port_queue: Any, stop_event: Any) -> None:
     from service.auth import Authenticator, Principal
     from service.jobs import JobManager
     from service.metrics import ServiceMetrics
+    from service.model import JobRecord, JobState
     from service.server import create_server, stop_server
     from service.spec import JobSpec
-    from service.store import JobRecord, JobState, JobStore
+    from service.store import JobStore
 
     data_dir = Path(tempfile.mkdtemp(prefix="zt-bench-api-"))
     store = JobStore(data_dir / "jobs.db")

@@ -100,8 +100,9 @@ def _stub(port: int) -> Any:
 # --------------------------------------------------------------------- server
 def _seed_store(data_dir: Path) -> tuple[list[str], int]:
     """Finished jobs with a few events each, written before the server starts."""
+    from service.model import JobRecord, JobState
     from service.spec import JobSpec
-    from service.store import JobRecord, JobState, JobStore
+    from service.store import JobStore
 
     store = JobStore(data_dir / "jobs.db")
     spec = JobSpec.from_dict(SHORT_JOB)

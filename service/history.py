@@ -2,7 +2,7 @@
 
 :func:`fetch_history` reads the job and replays its stored events over
 ``WatchJob`` (from sequence 0); :func:`history_from_events` turns domain
-:class:`~service.store.JobEvent` values into a :class:`MetricsHistory`. The
+:class:`~service.model.JobEvent` values into a :class:`MetricsHistory`. The
 store keeps every state change but only a job's newest metrics events
 (``DEFAULT_MAX_METRICS_EVENTS``); event sequence numbers have no gaps
 otherwise, so a gap means older records were dropped.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from service.store import JobEvent
+from service.model import JobEvent
 
 if TYPE_CHECKING:
     from service.client import JobClient

@@ -47,31 +47,17 @@ from service.errors import (
     Unschedulable,
 )
 from service.ingest_token import ENV_TOKEN_FILE, remove_token_file, write_token_file
+from service.model import TERMINAL_STATES, JobEvent, JobRecord, JobState
 from service.ray_jobs import RayJobInfo, RayJobs, runtime_entrypoint
 from service.records import check_late_record, check_record
 from service.runtime.staging import STAGING_DIR
 from service.spec import JobSpec, SpecError, is_custom_task
-from service.store import (
-    TERMINAL_STATES,
-    CheckpointInfo,
-    JobEvent,
-    JobRecord,
-    JobState,
-    JobStore,
-)
+from service.store import JobStore
 
 if TYPE_CHECKING:
     from service.metrics import ServiceMetrics
 
-__all__ = [
-    "TERMINAL_STATES",
-    "CheckpointInfo",
-    "EntrypointFactory",
-    "JobEvent",
-    "JobManager",
-    "JobRecord",
-    "JobState",
-]
+__all__ = ["EntrypointFactory", "JobManager"]
 
 logger = logging.getLogger(__name__)
 

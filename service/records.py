@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidArgument, RecordRefused
-from service.store import CheckpointInfo, JobRecord
+from service.model import CheckpointInfo, JobRecord
 
 __all__ = [
     "MAX_KEYS",

@@ -17,16 +17,14 @@ one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), so a job row and the
 event that describes its change are written together or not at all. Reads use
 one connection per thread and never wait for a writer (WAL snapshots).
 
-The store knows records, not Ray and not protobuf. The record types
-(:class:`JobState`, :class:`JobRecord`, :class:`JobEvent`,
-:class:`CheckpointInfo`) live here and are re-exported by :mod:`service.jobs`.
+The store knows records, not Ray and not protobuf. It persists the domain
+types of :mod:`service.model`; it does not define them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import functools
 import json
 import math
@@ -34,85 +32,19 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidArgument, JobNotFound
+from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
 from service.spec import JobSpec
 
-__all__ = [
-    "DEFAULT_MAX_METRICS_EVENTS",
-    "SCHEMA_VERSION",
-    "TERMINAL_STATES",
-    "CheckpointInfo",
-    "JobEvent",
-    "JobRecord",
-    "JobState",
-    "JobStore",
-]
+__all__ = ["DEFAULT_MAX_METRICS_EVENTS", "SCHEMA_VERSION", "JobStore"]
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_METRICS_EVENTS = 10_000
 MAX_PAGE_SIZE = 1000
 _MAX_SEQ = 2**63 - 1
-
-
-class JobState(enum.StrEnum):
-    """Lifecycle state of a job."""
-
-    PENDING = "PENDING"  # accepted; waiting for resources / for Ray to start it
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLING = "CANCELLING"
-    CANCELLED = "CANCELLED"
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """The latest checkpoint a job reported."""
-
-    step: int
-    path: str
-    time: float
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """Everything the service knows about one job."""
-
-    job_id: str
-    owner: str
-    spec: JobSpec
-    state: JobState
-    state_reason: str
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-    attempt: int
-    latest_metrics: dict | None
-    checkpoint: CheckpointInfo | None
-    idempotency_key: str | None
-    ray_job_id: str | None
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """One entry of a job's event log: a state transition or a metrics record."""
-
-    sequence: int
-    job_id: str
-    time: float
-    kind: str  # "state" | "metrics"
-    state: JobState | None
-    reason: str
-    metrics: dict | None
-    attempt: int
 
 
 _SCHEMA = """

@@ -26,9 +26,10 @@ from service.auth import Authenticator, Principal
 from service.health_server import create_health_server
 from service.jobs import JobManager
 from service.metrics import ServiceMetrics
+from service.model import JobRecord, JobState
 from service.ray_jobs import LocalRay, RayJobs
 from service.server import create_server, health_status_source, stop_server
-from service.store import JobRecord, JobState, JobStore
+from service.store import JobStore
 
 __all__ = [
     "TOKENS",

@@ -25,9 +25,9 @@ import pytest
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from service.model import JobState
 from service.server import MAX_STREAMS_PER_CONNECTION
 from service.spec import JobSpec
-from service.store import JobState
 
 from .support import Served, bearer, health_status, seed_job, serve_manager
 

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from service import cli, convert
 from service.api.zerotrain.v1 import job_service_pb2 as pb
+from service.model import TERMINAL_STATES, JobState
 from service.spec import JobSpec, SpecError
-from service.store import TERMINAL_STATES, JobState
 
 from .support import (
     Served,

@@ -22,11 +22,11 @@ from google.protobuf import struct_pb2
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import TokenFileError, load_tokens
+from service.model import JobState
 from service.ray_jobs import runtime_entrypoint
 from service.runtime.trainer import build_trainer
 from service.server import TlsConfig
 from service.spec import JobSpec
-from service.store import JobState
 
 from .support import (
     TOKENS,

@@ -20,9 +20,10 @@ from cryptography.x509.oid import NameOID
 
 from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
+from service.model import JobRecord, JobState
 from service.server import TlsConfig, create_server, stop_server
 from service.spec import JobSpec
-from service.store import JobRecord, JobState, JobStore
+from service.store import JobStore
 
 TOKENS = {
     "alice": "alice-0123456789abcdef",

@@ -36,8 +36,9 @@ from service.auth import Authenticator
 from service.client import ApiError, JobClient
 from service.ingest_client import GrpcSink, IngestError
 from service.jobs import JobManager
+from service.model import JobState
 from service.server import create_ingest_server, create_server, stop_server
-from service.store import JobState, JobStore
+from service.store import JobStore
 
 
 @pytest.fixture
@@ -411,7 +412,7 @@ def test_idempotency_key_reused_with_another_spec_is_already_exists(
     Neither answer needs Ray: the key is looked up before anything is scheduled.
     """
     from service.convert import spec_to_proto
-    from service.store import JobRecord
+    from service.model import JobRecord
 
     first = api_spec("keyed")
     now = time.time()

@@ -33,8 +33,9 @@ from service.display import strip_ansi
 from service.history import fetch_history
 from service.ingest_client import GrpcSink
 from service.jobs import JobManager
+from service.model import JobState
 from service.spec import JobSpec
-from service.store import JobState, JobStore
+from service.store import JobStore
 
 LONG_NAME = "a-very-long-job-name-that-would-wrap-over-several-lines-" * 2
 

@@ -23,8 +23,9 @@ from api_support import (
 from service.auth import Authenticator
 from service.ingest_client import GrpcSink, IngestError
 from service.jobs import JobManager
+from service.model import JobState
 from service.runtime.reporter import BufferedReporter
-from service.store import JobState, JobStore
+from service.store import JobStore
 
 FINAL = {"attempt": 1, "step": 4, "loss": 0.25, "final": True}
 

@@ -25,7 +25,8 @@ from service.errors import (
     PermissionDenied,
     Unschedulable,
 )
-from service.jobs import JobEvent, JobManager, JobRecord, JobState
+from service.jobs import JobManager
+from service.model import JobEvent, JobRecord, JobState
 from service.ray_jobs import LocalRay, RayJobs, start_local_ray
 from service.spec import JobSpec
 from service.store import JobStore

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from service.errors import InvalidArgument, JobNotFound
+from service.model import CheckpointInfo, JobRecord, JobState
 from service.spec import JobSpec
-from service.store import CheckpointInfo, JobRecord, JobState, JobStore
+from service.store import JobStore
 
 
 def make_record(job_id: str, *, owner: str = "alice", key: str | None = None, **labels) -> JobRecord:
