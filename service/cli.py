@@ -49,7 +49,8 @@ from service.display import (
     strip_ansi,
     summary_line,
 )
-from service.spec import JobSpec, SpecError, load_spec
+from service.errors import SpecError
+from service.spec import JobSpec, load_spec
 
 __all__ = ["EXIT_CODES", "build_parser", "main", "watch_job"]
 

@@ -29,8 +29,9 @@ from typing import Any
 from google.protobuf import descriptor, json_format, message, timestamp_pb2
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
+from service.errors import SpecError
 from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
-from service.spec import JobSpec, SpecError
+from service.spec import JobSpec
 
 __all__ = [
     "checkpoint_to_proto",

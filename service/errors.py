@@ -23,8 +23,6 @@ job created by the first request.
 
 from __future__ import annotations
 
-from service.spec import SpecError
-
 __all__ = [
     "AlreadyExists",
     "ClusterUnavailable",
@@ -37,6 +35,17 @@ __all__ = [
     "Unschedulable",
     "ZerotrainError",
 ]
+
+
+class SpecError(ValueError):
+    """An invalid job spec. ``errors`` lists every problem as ``"<field>: <rule>, got <value>"``."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("invalid job spec: " + "; ".join(self.errors))
+
+    def __reduce__(self):  # picklable across processes (Ray, gRPC threads)
+        return (type(self), (self.errors,))
 
 
 class ZerotrainError(Exception):

@@ -44,6 +44,7 @@ from service.errors import (
     InvalidArgument,
     JobFinished,
     PermissionDenied,
+    SpecError,
     Unschedulable,
 )
 from service.ingest_token import ENV_TOKEN_FILE, remove_token_file, write_token_file
@@ -51,8 +52,9 @@ from service.model import TERMINAL_STATES, JobEvent, JobRecord, JobState
 from service.ray_jobs import RayJobInfo, RayJobs, runtime_entrypoint
 from service.records import check_late_record, check_record
 from service.runtime.staging import STAGING_DIR
-from service.spec import JobSpec, SpecError, is_custom_task
+from service.spec import JobSpec
 from service.store import JobStore
+from service.tasks.registry import is_custom_task
 
 if TYPE_CHECKING:
     from service.metrics import ServiceMetrics

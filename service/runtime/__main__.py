@@ -24,7 +24,8 @@ import time
 import uuid
 from typing import Any
 
-from service.spec import JobSpec, SpecError, load_spec
+from service.errors import SpecError
+from service.spec import JobSpec, load_spec
 
 __all__ = ["main"]
 

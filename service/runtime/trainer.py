@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from service.spec import JobSpec, SpecError, is_custom_task
+from service.errors import SpecError
+from service.spec import JobSpec
+from service.tasks.registry import is_custom_task
 
 __all__ = [
     "JOB_ID_PATTERN",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.errors import SpecError
 from service.tasks.args import Arg, validate_args
 
 __all__ = [
@@ -65,8 +66,6 @@ class TaskDef:
         """Validate ``args`` and build the task (a :class:`service.tasks.base.Task`)."""
         resolved, errors = self.resolve_args(args)
         if errors:
-            from service.spec import SpecError  # local: spec imports this module
-
             raise SpecError(errors)
         return _import(self.builder)(resolved, seed=seed)
 

@@ -32,8 +32,9 @@ from hypothesis import strategies as st
 
 from service import cli, convert
 from service.api.zerotrain.v1 import job_service_pb2 as pb
+from service.errors import SpecError
 from service.model import TERMINAL_STATES, JobState
-from service.spec import JobSpec, SpecError
+from service.spec import JobSpec
 
 from .support import (
     Served,

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.errors import SpecError
 from service.runtime.data import SampleStream
 from service.seeds import (
     INIT_STREAM,
@@ -20,7 +21,7 @@ from service.seeds import (
     resume_seed,
     worker_seed,
 )
-from service.spec import JobSpec, SpecError
+from service.spec import JobSpec
 from service.tasks.base import seeded_generator
 
 INT64_MAX = 2**63 - 1

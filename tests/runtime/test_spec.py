@@ -7,14 +7,9 @@ import pickle
 
 import pytest
 
-from service.spec import (
-    JobSpec,
-    OptimizerSpec,
-    SpecError,
-    TrainingSpec,
-    is_custom_task,
-    load_spec,
-)
+from service.errors import SpecError
+from service.spec import JobSpec, OptimizerSpec, TrainingSpec, load_spec
+from service.tasks.registry import is_custom_task
 
 BASE = {"name": "demo", "task": "digits"}
 

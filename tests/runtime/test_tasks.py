@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.spec import SpecError
+from service.errors import SpecError
 from service.tasks import get_task, list_tasks, register_task
 
 SMALL_ARGS = {

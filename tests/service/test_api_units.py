@@ -15,8 +15,9 @@ from service import cli, convert
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.auth import Authenticator, TokenFileError, load_tokens
 from service.config import ConfigError, ServerConfig, load_client_config
+from service.errors import SpecError
 from service.model import JobEvent, JobState
-from service.spec import JobSpec, SpecError
+from service.spec import JobSpec
 
 # ---------------------------------------------------------------- converters
 SPECS = [
