@@ -32,6 +32,7 @@ from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.errors import SpecError
 from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
 from service.spec import JobSpec
+from service.spec_rules import is_number
 
 __all__ = [
     "checkpoint_to_proto",
@@ -314,7 +315,7 @@ def metrics_to_proto(record: Mapping[str, Any]) -> pb.MetricsRecord:
             msg.time.CopyFrom(_to_timestamp(record["time"], "time"))
         for key in ("phase_seconds", "optimizer"):
             for name, value in (record.get(key) or {}).items():
-                if _is_number(value):
+                if is_number(value):
                     getattr(msg, key)[str(name)] = float(value)
         msg.state_bytes_per_rank.extend(int(n) for n in record.get("state_bytes_per_rank") or ())
         msg.final = bool(record.get("final", False))
@@ -323,7 +324,7 @@ def metrics_to_proto(record: Mapping[str, Any]) -> pb.MetricsRecord:
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"invalid metrics record: {exc}") from None
     for key, value in record.items():
-        if key not in _RECORD_KEYS and _is_number(value):
+        if key not in _RECORD_KEYS and is_number(value):
             msg.extra[str(key)] = float(value)
     return msg
 
@@ -353,10 +354,6 @@ def metrics_from_proto(msg: pb.MetricsRecord) -> dict[str, Any]:
     for key, value in msg.extra.items():
         record.setdefault(key, value)
     return record
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------- jobs/events

@@ -18,6 +18,10 @@ would rename a scraped ``job`` label to ``exported_job``. The
 training series of a job are dropped ``retention_s`` seconds after
 :meth:`ServiceMetrics.job_finished`, so a long-lived service does not grow a
 series set per job forever.
+
+This module is the exporter (registry, service series, retention, HTTP
+endpoint, the rpc interceptor); :mod:`service.metric_families` says how a
+record becomes the training families.
 """
 
 from __future__ import annotations
@@ -27,24 +31,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from service.metric_families import JobSeries, TrainingCollector, validate_record
 
 __all__ = [
-    "PHASES",
     "RPC_LATENCY_BUCKETS",
     "MetricsInterceptor",
     "ServiceMetrics",
 ]
-
-#: Step phases reported by the workers; anything else is summed into ``other``
-#: so that a misbehaving worker cannot create unbounded label values.
-PHASES = ("data", "forward", "backward", "communication", "optimizer", "compile")
 
 #: Latency buckets for unary rpcs (seconds); streams land in the upper buckets.
 RPC_LATENCY_BUCKETS = (
@@ -52,148 +50,8 @@ RPC_LATENCY_BUCKETS = (
     60.0, 300.0,
 )  # fmt: skip
 
-# Optimizer statistics (ZeroOptimizer.stats() keys) exported as one gauge each:
-# stats key -> (metric name, help text).
-_OPTIMIZER_GAUGES: dict[str, tuple[str, str]] = {
-    "grad_norm": ("zerotrain_training_grad_norm", "Global L2 norm of the gradient."),
-    "param_norm": ("zerotrain_training_param_norm", "Global L2 norm of the parameters."),
-    "update_norm": ("zerotrain_training_update_norm", "Global L2 norm of the last update."),
-    "update_param_ratio": (
-        "zerotrain_training_update_param_ratio",
-        "Ratio of the update norm to the parameter norm.",
-    ),
-    "adamax_u_max": ("zerotrain_adamax_u_max", "Adamax: largest element of u (exp_inf)."),
-    "adamax_u_mean": ("zerotrain_adamax_u_mean", "Adamax: mean of u (exp_inf)."),
-    "adamax_u_refreshed_fraction": (
-        "zerotrain_adamax_u_refreshed_ratio",
-        "Adamax: fraction (0..1) of u set by |g| rather than by beta2*u on the last step.",
-    ),
-    "nadam_mu_t": ("zerotrain_nadam_mu_t", "Nadam: momentum coefficient mu_t of the last step."),
-    "nadam_mu_product": ("zerotrain_nadam_mu_product", "Nadam: product mu_1 * ... * mu_t."),
-    "nadam_bias_correction1": (
-        "zerotrain_nadam_bias_correction1",
-        "Nadam: first-moment bias correction of the last step.",
-    ),
-    "nadam_bias_correction2": (
-        "zerotrain_nadam_bias_correction2",
-        "Nadam: second-moment bias correction 1 - beta2^t of the last step.",
-    ),
-    "nadam_sqrt_v_hat_mean": (
-        "zerotrain_nadam_sqrt_v_hat_mean",
-        "Nadam: mean of sqrt(v / bias_correction2).",
-    ),
-}
-
-# Top-level record fields exported as one gauge each.
-_RECORD_GAUGES: dict[str, tuple[str, str]] = {
-    "step": ("zerotrain_training_step", "Current optimizer step of the job."),
-    "loss": ("zerotrain_training_loss", "Training loss (mean over the reporting window)."),
-    "accuracy": ("zerotrain_training_accuracy_ratio", "Training accuracy (0..1)."),
-    "samples_per_second": (
-        "zerotrain_training_samples_per_second",
-        "Training throughput in samples per second (all workers).",
-    ),
-    "world_size": ("zerotrain_training_world_size", "Number of training workers."),
-    "attempt": ("zerotrain_training_attempt", "Current attempt (1 + restarts after failures)."),
-}
-
-_NUMBER_FIELDS = (*_RECORD_GAUGES, "lr", "time")
 # How many dropped job ids are remembered so that late records cannot revive them.
 _DROPPED_MEMORY = 10_000
-
-
-@dataclass
-class _JobSeries:
-    """Latest values of one job's training series."""
-
-    gauges: dict[str, float] = field(default_factory=dict)  # metric name -> value
-    phases: dict[str, float] = field(default_factory=dict)  # phase -> mean seconds per step
-    state_bytes: dict[int, float] = field(default_factory=dict)  # rank -> bytes
-    skipped_steps: float = 0.0
-    steps_total: float = 0.0
-    last_step: float | None = None
-    last_progress: float = 0.0  # wall time (service clock) when the step last advanced
-    finished_at: float | None = None  # monotonic time of job_finished()
-
-
-class _TrainingCollector(Collector):
-    """Builds the per-job training families at scrape time from :class:`_JobSeries`."""
-
-    def __init__(self, owner: ServiceMetrics) -> None:
-        self._owner = owner
-
-    def describe(self) -> list[Metric]:
-        return list(self._families({}))
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self._families(self._owner._snapshot())
-
-    def _families(self, jobs: Mapping[str, _JobSeries]) -> Iterator[Metric]:
-        gauge_help = {name: text for name, text in _RECORD_GAUGES.values()}
-        gauge_help.update({name: text for name, text in _OPTIMIZER_GAUGES.values()})
-        gauge_help["zerotrain_training_learning_rate"] = "Learning rate of the last step."
-        for name, text in gauge_help.items():
-            family = GaugeMetricFamily(name, text, labels=["job_id"])
-            for job, series in jobs.items():
-                if name in series.gauges:
-                    family.add_metric([job], series.gauges[name])
-            yield family
-
-        step_seconds = GaugeMetricFamily(
-            "zerotrain_training_step_seconds",
-            "Mean wall time of one training step (sum of its phases).",
-            labels=["job_id"],
-        )
-        phase_seconds = GaugeMetricFamily(
-            "zerotrain_training_phase_seconds",
-            "Mean seconds per step spent in each phase.",
-            labels=["job_id", "phase"],
-        )
-        state_bytes = GaugeMetricFamily(
-            "zerotrain_training_optimizer_state_bytes",
-            "Optimizer-state bytes held by each rank.",
-            labels=["job_id", "rank"],
-        )
-        active = GaugeMetricFamily(
-            "zerotrain_training_active",
-            "1 while the job may still report, 0 once it finished (kept for the retention).",
-            labels=["job_id"],
-        )
-        last_progress = GaugeMetricFamily(
-            "zerotrain_training_last_progress_timestamp_seconds",
-            "Unix time at which the service last saw the job's step advance.",
-            labels=["job_id"],
-        )
-        skipped = CounterMetricFamily(
-            "zerotrain_training_skipped_steps",
-            "Optimizer steps skipped because a gradient was not finite.",
-            labels=["job_id"],
-        )
-        steps = CounterMetricFamily(
-            "zerotrain_training_steps",
-            "Optimizer steps trained; keeps counting across restarts (rate() gives steps/s).",
-            labels=["job_id"],
-        )
-        restarts = CounterMetricFamily(
-            "zerotrain_training_restarts",
-            "Restarts of the job after a worker failure (attempt - 1).",
-            labels=["job_id"],
-        )
-        for job, series in jobs.items():
-            if series.phases:
-                step_seconds.add_metric([job], sum(series.phases.values()))
-            for phase, seconds in series.phases.items():
-                phase_seconds.add_metric([job, phase], seconds)
-            for rank, nbytes in sorted(series.state_bytes.items()):
-                state_bytes.add_metric([job, str(rank)], nbytes)
-            active.add_metric([job], 0.0 if series.finished_at is not None else 1.0)
-            last_progress.add_metric([job], series.last_progress)
-            skipped.add_metric([job], series.skipped_steps)
-            steps.add_metric([job], series.steps_total)
-            attempt = series.gauges.get("zerotrain_training_attempt", 1.0)
-            restarts.add_metric([job], max(attempt - 1.0, 0.0))
-        yield from (step_seconds, phase_seconds, state_bytes, active, last_progress)
-        yield from (skipped, steps, restarts)
 
 
 class ServiceMetrics:
@@ -224,7 +82,7 @@ class ServiceMetrics:
         self.retention_s = float(retention_s)
         self._clock = clock
         self._lock = threading.Lock()
-        self._jobs: dict[str, _JobSeries] = {}
+        self._jobs: dict[str, JobSeries] = {}
         self._dropped: OrderedDict[str, None] = OrderedDict()
         self._known_states: set[str] = set()
         self._http_server: Any = None
@@ -254,7 +112,7 @@ class ServiceMetrics:
             "Failed passes of the job manager's reconciliation with Ray.",
             registry=self.registry,
         )
-        self.registry.register(_TrainingCollector(self))
+        self.registry.register(TrainingCollector(self._snapshot))
 
     # -- service series ---------------------------------------------------------------
 
@@ -292,42 +150,16 @@ class ServiceMetrics:
         and changes nothing. Records for a job that finished are ignored (a late
         record must not revive series that are being retired).
         """
-        _validate_record(job_id, record)
-        optimizer = record.get("optimizer") or {}
+        validate_record(job_id, record)
         now_wall = time.time()
         with self._lock:
             self._expire()
             if job_id in self._dropped:
                 return
-            series = self._jobs.setdefault(job_id, _JobSeries(last_progress=now_wall))
+            series = self._jobs.setdefault(job_id, JobSeries(last_progress=now_wall))
             if series.finished_at is not None:
                 return
-            for key, (name, _) in _RECORD_GAUGES.items():
-                if key in record:
-                    series.gauges[name] = float(record[key])
-            for key, (name, _) in _OPTIMIZER_GAUGES.items():
-                if key in optimizer:
-                    series.gauges[name] = float(optimizer[key])
-            lr = record.get("lr", optimizer.get("lr"))
-            if lr is not None:
-                series.gauges["zerotrain_training_learning_rate"] = float(lr)
-            if "skipped_steps" in optimizer:
-                series.skipped_steps = float(optimizer["skipped_steps"])
-            phases = record.get("phase_seconds")
-            if phases:
-                series.phases = _bounded_phases(phases)
-            per_rank = record.get("state_bytes_per_rank")
-            if per_rank:
-                series.state_bytes = {rank: float(n) for rank, n in enumerate(per_rank)}
-            elif "state_bytes_per_rank" in optimizer:
-                rank = int(record.get("rank", 0))
-                series.state_bytes[rank] = float(optimizer["state_bytes_per_rank"])
-            if "step" in record:
-                step = float(record["step"])
-                if series.last_step is None or step > series.last_step:
-                    series.steps_total += step - (series.last_step or 0.0)
-                    series.last_progress = now_wall
-                series.last_step = step
+            series.apply(record, now_wall)
 
     def job_finished(self, job_id: str) -> None:
         """Mark the job finished; its training series are dropped after ``retention_s``."""
@@ -343,11 +175,11 @@ class ServiceMetrics:
             self._expire()
             return sorted(self._jobs)
 
-    def _snapshot(self) -> dict[str, _JobSeries]:
+    def _snapshot(self) -> dict[str, JobSeries]:
         with self._lock:
             self._expire()
             return {
-                job: _JobSeries(
+                job: JobSeries(
                     gauges=dict(s.gauges),
                     phases=dict(s.phases),
                     state_bytes=dict(s.state_bytes),
@@ -392,61 +224,6 @@ class ServiceMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _validate_record(job_id: str, record: Any) -> None:
-    errors: list[str] = []
-    if not isinstance(job_id, str) or not job_id:
-        errors.append(f"job_id: must be a non-empty string, got {job_id!r}")
-    if not isinstance(record, Mapping):
-        raise ValueError(f"record: must be a mapping, got {type(record).__name__}")
-    for key in _NUMBER_FIELDS:
-        if key in record and not _is_number(record[key]):
-            errors.append(f"record.{key}: must be a number, got {record[key]!r}")
-    if "rank" in record and not (isinstance(record["rank"], int) and record["rank"] >= 0):
-        errors.append(f"record.rank: must be an integer >= 0, got {record['rank']!r}")
-    optimizer = record.get("optimizer")
-    if optimizer is not None:
-        if not isinstance(optimizer, Mapping):
-            errors.append(f"record.optimizer: must be a mapping, got {optimizer!r}")
-        else:
-            for key in (*_OPTIMIZER_GAUGES, "lr", "skipped_steps", "state_bytes_per_rank"):
-                if key in optimizer and not _is_number(optimizer[key]):
-                    errors.append(
-                        f"record.optimizer.{key}: must be a number, got {optimizer[key]!r}"
-                    )
-    phases = record.get("phase_seconds")
-    if phases is not None:
-        if not isinstance(phases, Mapping):
-            errors.append(f"record.phase_seconds: must be a mapping, got {phases!r}")
-        else:
-            for key, value in phases.items():
-                if not _is_number(value) or value < 0:
-                    errors.append(
-                        f"record.phase_seconds.{key}: must be a number >= 0, got {value!r}"
-                    )
-    per_rank = record.get("state_bytes_per_rank")
-    valid_per_rank = isinstance(per_rank, list | tuple) and all(
-        _is_number(n) and n >= 0 for n in per_rank
-    )
-    if per_rank is not None and not valid_per_rank:
-        errors.append(
-            f"record.state_bytes_per_rank: must be a list of numbers >= 0, got {per_rank!r}"
-        )
-    if errors:
-        raise ValueError("invalid metrics record: " + "; ".join(errors))
-
-
-def _bounded_phases(phases: Mapping[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in phases.items():
-        label = key if key in PHASES else "other"
-        out[label] = out.get(label, 0.0) + float(value)
-    return out
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

@@ -22,6 +22,7 @@ from service.model import CheckpointInfo, JobRecord
 __all__ = [
     "MAX_KEYS",
     "MAX_KEY_CHARS",
+    "PHASES",
     "check_late_record",
     "check_record",
 ]
@@ -31,6 +32,15 @@ MAX_KEYS = 64
 MAX_KEY_CHARS = 64
 MAX_LIST_ITEMS = 1024
 """Items of ``state_bytes_per_rank`` (one per worker)."""
+PHASES = ("data", "forward", "backward", "communication", "optimizer", "compile")
+"""Step phases of ``phase_seconds``, measured by the workers each step. ``communication``
+is the time the optimizer step spent blocked on collectives (``Engine.collect_step_timings``;
+reductions launched from backward hooks overlap backward, and only their remaining wait
+counts), and ``compile`` the time it spent building the fused kernel (the first window
+only); both are taken out of ``optimizer`` and appear only when the engine measures them
+(native: yes; DeepSpeed: no, its communication stays inside ``backward`` and
+``optimizer``). The exporter sums any other key into ``other``, so a misbehaving worker
+cannot create unbounded label values."""
 NON_FINITE_ALLOWED = frozenset({"loss"})
 """A diverged run reports a NaN or infinite loss: a result, stored as null."""
 

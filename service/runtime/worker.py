@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from service.records import PHASES
 from service.runtime import compile_cache
 from service.runtime.data import SampleStream
 from service.runtime.engines import Engine, make_engine
@@ -44,15 +45,6 @@ CHECKPOINT_META = "meta.json"
 CHECKSUMS_DIR = "checksums"
 """Per-rank manifests (``checksums/rank-<r>.json``): SHA-256 and size of every file that
 rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
-PHASES = ("data", "forward", "backward", "communication", "optimizer", "compile")
-"""Measured per step. ``communication`` is the time the optimizer step spent blocked on
-collectives (``Engine.collect_step_timings``; reductions launched from backward hooks
-overlap backward, and only their remaining wait counts), and ``compile`` the time it
-spent building the fused kernel (the first window only); both are taken out of
-``optimizer`` and appear only when the engine measures them (native: yes; DeepSpeed:
-no, its communication stays inside ``backward`` and ``optimizer``)."""
-
-
 @dataclass
 class _Window:
     """Accumulates what a metrics record averages over (the steps since the last record)."""
