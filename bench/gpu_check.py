@@ -68,8 +68,8 @@ def check_service(device: torch.device, max_steps: int, timeout_s: float) -> lis
     """A digits job with ``use_gpu`` (on CUDA) through the service with an embedded Ray."""
     import yaml
 
+    from service.app import Service, ray_temp_dir
     from service.config import ServerConfig
-    from service.server import Service, ray_temp_dir
 
     use_gpu = device.type == "cuda"
     spec = yaml.safe_load((ROOT / "examples" / "digits_nadam.yaml").read_text())

@@ -504,7 +504,7 @@ def _start_hog_job(head: Any) -> None:
 
 def run_hog_only(seconds: float, clients: int, threads: int, think_s: float) -> dict:
     """Only the stream-hog scenario (a Ray head is still started: the service needs one)."""
-    from service.ray_jobs import start_local_ray
+    from service.local_ray import start_local_ray
 
     load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))
@@ -535,7 +535,7 @@ def run(
     seconds: float, clients: int, threads: int, submits: int, repeats: int, think_s: float,
     hog: dict[str, Any],
 ) -> dict:
-    from service.ray_jobs import start_local_ray
+    from service.local_ray import start_local_ray
 
     load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))

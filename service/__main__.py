@@ -141,7 +141,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
 
 def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
     """Run the service until SIGTERM/SIGINT; return the exit code."""
-    from service.server import Service
+    from service.app import Service
 
     stopping = threading.Event()
 

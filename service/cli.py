@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,20 +34,13 @@ from typing import Any
 import grpc
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.client import TERMINAL_STATES, ApiError, JobClient
+from service.cli_views import job_json, print_job, print_list, watch_job
+from service.client import ApiError, JobClient
 from service.config import DEFAULT_ADDRESS, ConfigError
-from service.convert import message_to_json, metrics_from_proto, state_name
-from service.display import (
-    STATE_STYLE,
-    job_progress,
-    progress_fields,
-    state_markup,
-    strip_ansi,
-    summary_line,
-)
+from service.convert import message_to_json, state_name
+from service.display import STATE_STYLE, strip_ansi
 from service.errors import SpecError
 from service.spec import JobSpec, load_spec
 
@@ -198,185 +190,6 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
     return JobSpec.from_dict(data)
 
 
-def _fmt_time(ts: Any) -> str:
-    if ts.seconds == 0 and ts.nanos == 0:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
-
-
-def _metric(record: pb.MetricsRecord, name: str, fmt: str = "{:.4f}") -> str:
-    return fmt.format(getattr(record, name)) if record.HasField(name) else "-"
-
-
-def _print_job(console: Console, job: pb.Job) -> None:
-    state = state_name(job.state)
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    spec = job.spec
-    rows = [
-        ("job", job.job_id), ("name", spec.name), ("owner", job.owner),
-        ("state", state_markup(state)
-                  + (f"  ({escape(job.state_reason)})" if job.state_reason else "")),
-        ("task", spec.task),
-        ("optimizer", f"{pb.Algorithm.Name(spec.optimizer.algorithm).removeprefix('ALGORITHM_').lower()}"
-                      f" lr={spec.optimizer.lr:g}"),
-        ("sharding", f"{pb.Engine.Name(spec.sharding.engine).removeprefix('ENGINE_').lower()}"
-                     f" stage {spec.sharding.stage}"),
-        ("workers", str(spec.scaling.num_workers)),
-        ("attempt", str(job.attempt)),
-        ("created", _fmt_time(job.created_at)), ("started", _fmt_time(job.started_at)),
-        ("finished", _fmt_time(job.finished_at)),
-    ]  # fmt: skip
-    if job.HasField("latest_metrics"):
-        m = job.latest_metrics
-        rows.append(("step", f"{m.step} / {spec.training.max_steps}"))
-        rows.append(("loss", _metric(m, "loss")))
-        if m.HasField("accuracy"):
-            rows.append(("accuracy", _metric(m, "accuracy")))
-        rows.append(("throughput", _metric(m, "samples_per_second", "{:.0f} samples/s")))
-    if job.HasField("checkpoint"):
-        rows.append(("checkpoint", f"step {job.checkpoint.step}: {job.checkpoint.path}"))
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
-
-
-def _job_json(job: pb.Job) -> str:
-    return json.dumps(message_to_json(job), indent=2)
-
-
-# ----------------------------------------------------------------------- watch
-def watch_job(
-    client: JobClient, job_id: str, console: Console, *, from_sequence: int = 0
-) -> pb.Job:
-    """Show a live progress bar (step, loss, throughput) until the job ends.
-
-    State changes are printed above the bar with their time; returns the
-    finished job after printing a summary.
-    """
-    job = client.get(job_id)
-    total = job.spec.training.max_steps or None
-    with job_progress(console) as progress:
-        bar = progress.add_task(
-            "train", total=total, name=escape(job.spec.name or job_id), loss="-", rate=""
-        )
-        for event in client.watch(job_id, from_sequence):
-            if event.HasField("metrics"):
-                progress.update(bar, **progress_fields(metrics_from_proto(event.metrics)))
-                continue
-            change = event.state_change
-            when = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
-            reason = f": {escape(change.reason)}" if change.reason else ""
-            progress.console.print(
-                f"[dim]{when}[/] {state_markup(state_name(change.state))}{reason}"
-            )
-            if change.state in TERMINAL_STATES:
-                break
-    job = client.get(job_id)
-    _print_summary(console, job)
-    return job
-
-
-def _print_summary(console: Console, job: pb.Job) -> None:
-    seconds = None
-    if job.HasField("started_at") and job.HasField("finished_at"):
-        seconds = job.finished_at.ToNanoseconds() / 1e9 - job.started_at.ToNanoseconds() / 1e9
-    metrics = metrics_from_proto(job.latest_metrics) if job.HasField("latest_metrics") else None
-    console.print(
-        summary_line(
-            job.job_id, state_name(job.state), metrics, seconds=seconds, attempts=job.attempt
-        )
-    )
-    if job.state_reason and job.state != pb.JOB_STATE_SUCCEEDED:
-        console.print(f"reason: {escape(job.state_reason)}")
-
-
-# ------------------------------------------------------------------------- list
-# Columns of `trainctl list`, most important first: when the terminal is too
-# narrow, the columns from the first one that does not fit on are dropped.
-# NAME is cut (with "…") to the width left over, never below _NAME_MIN.
-_LIST_COLUMNS = ("JOB", "STATE", "NAME", "STEP", "LOSS", "CREATED", "OWNER")
-_RIGHT_ALIGNED = frozenset({"STEP", "LOSS"})
-_NAME_MIN = 20
-_GAP = 2
-
-
-def _list_rows(jobs: Sequence[pb.Job]) -> list[dict[str, str]]:
-    rows = []
-    for job in jobs:
-        m = job.latest_metrics if job.HasField("latest_metrics") else None
-        rows.append({
-            "JOB": job.job_id, "STATE": state_name(job.state), "NAME": job.spec.name,
-            "STEP": f"{m.step}/{job.spec.training.max_steps}" if m is not None else "-",
-            "LOSS": f"{m.loss:.4g}" if m is not None and m.HasField("loss") else "-",
-            "CREATED": _short_time(job.created_at.seconds), "OWNER": job.owner,
-        })  # fmt: skip
-    return rows
-
-
-def _short_time(seconds: int) -> str:
-    if seconds == 0:
-        return "-"
-    same_year = time.localtime(seconds).tm_year == time.localtime().tm_year
-    return time.strftime("%m-%d %H:%M" if same_year else "%Y-%m-%d", time.localtime(seconds))
-
-
-def fit_columns(widths: dict[str, int], order: Sequence[str], total: int) -> dict[str, int]:
-    """The leading columns of ``order`` that fit in ``total`` characters, with their widths.
-
-    ``widths`` holds each column's natural width (its widest cell or header).
-    Columns are taken in ``order`` until one does not fit with NAME at least
-    ``_NAME_MIN`` wide (or its natural width if smaller); NAME then gets the
-    width left over, up to its natural width. The first column is always kept.
-    """
-
-    def need(columns: list[str]) -> int:
-        fixed = sum(widths[c] for c in columns if c != "NAME")
-        name = min(widths["NAME"], _NAME_MIN) if "NAME" in columns else 0
-        return fixed + name + _GAP * (len(columns) - 1)
-
-    chosen = [order[0]]
-    for column in order[1:]:
-        if need([*chosen, column]) > total:
-            break
-        chosen.append(column)
-    fitted = {c: widths[c] for c in chosen}
-    if "NAME" in fitted:
-        spare = total - need([c for c in chosen if c != "NAME"]) - _GAP
-        fitted["NAME"] = max(min(widths["NAME"], spare), min(widths["NAME"], _NAME_MIN))
-    return fitted
-
-
-def _print_list(console: Console, jobs: Sequence[pb.Job]) -> None:
-    if not jobs:
-        console.print("no jobs", style="dim")
-        return
-    rows = _list_rows(jobs)
-    order = list(_LIST_COLUMNS)
-    if len({row["OWNER"] for row in rows}) > 1:  # an admin's list: who owns what matters
-        order.remove("OWNER")
-        order.insert(order.index("NAME") + 1, "OWNER")
-    natural = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in order}
-    widths = fit_columns(natural, order, console.width)
-    columns = [c for c in order if c in widths]
-
-    def cell(column: str, text: str, header: bool = False) -> str:
-        width = widths[column]
-        if len(text) > width:
-            text = text[: width - 1] + "…"
-        padded = text.rjust(width) if column in _RIGHT_ALIGNED and not header else text.ljust(width)
-        if column == "STATE" and not header:
-            return f"[{STATE_STYLE.get(text, '')}]{padded}[/]"
-        return escape(padded)
-
-    gap = " " * _GAP
-    console.print("[bold]" + gap.join(cell(c, c, True) for c in columns).rstrip() + "[/]",
-                  soft_wrap=True)  # fmt: skip
-    for row in rows:
-        console.print(gap.join(cell(c, row[c]) for c in columns).rstrip(), soft_wrap=True)
-
-
 # ------------------------------------------------------------------------ main
 def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
     """Run the command; API failures raise :class:`ApiError` (the client stays open)."""
@@ -399,16 +212,16 @@ def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
         if args.json:
             print(json.dumps([message_to_json(j) for j in jobs], indent=2))
             return EXIT_OK
-        _print_list(console, jobs)
+        print_list(console, jobs)
         if token:
             console.print(f"[dim]more: --all, or the next page token {token}[/]")
         return EXIT_OK
     if args.command in ("get", "cancel"):
         job = client.get(args.job_id) if args.command == "get" else client.cancel(args.job_id)
         if args.json:
-            print(_job_json(job))
+            print(job_json(job))
         else:
-            _print_job(console, job)
+            print_job(console, job)
         return EXIT_OK
     if args.command == "watch":
         job = watch_job(client, args.job_id, console, from_sequence=args.from_sequence)

@@ -27,12 +27,12 @@ from pathlib import Path
 from rich.console import Console
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.cli import watch_job
+from service.app import Service, ray_temp_dir
+from service.cli_views import watch_job
 from service.client import JobClient
 from service.config import ServerConfig
 from service.history import NoMetrics, fetch_history
 from service.plot import PlotUnavailable, plot_history
-from service.server import Service, ray_temp_dir
 
 __all__ = ["main"]
 

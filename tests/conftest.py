@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.ray_jobs import LocalRay, start_local_ray
+from service.local_ray import LocalRay, start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 

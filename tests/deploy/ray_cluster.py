@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from service.ray_jobs import free_port
+from service.local_ray import free_port
 
 __all__ = ["MultiNodeCluster", "RayNode"]
 

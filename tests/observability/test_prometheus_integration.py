@@ -128,9 +128,9 @@ def test_every_dashboard_query_returns_data(
     prometheus_bin, promtool, ray_cluster: str, tmp_path: Path, monkeypatch
 ):
     from service.api.zerotrain.v1 import job_service_pb2 as pb
+    from service.app import Service
     from service.client import JobClient
     from service.config import ServerConfig
-    from service.server import Service
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     tokens = tmp_path / "tokens.yaml"

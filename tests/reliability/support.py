@@ -25,9 +25,10 @@ from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from service.auth import Authenticator, Principal
 from service.health_server import create_health_server
 from service.jobs import JobManager
+from service.local_ray import LocalRay
 from service.metrics import ServiceMetrics
 from service.model import JobRecord, JobState
-from service.ray_jobs import LocalRay, RayJobs
+from service.ray_jobs import RayJobs
 from service.server import create_server, health_status_source, stop_server
 from service.store import JobStore
 

@@ -34,7 +34,8 @@ import yaml
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.client import ApiError, JobClient
-from service.ray_jobs import LocalRay, RayJobs, start_local_ray
+from service.local_ray import LocalRay, start_local_ray
+from service.ray_jobs import RayJobs
 
 from .service_process import RawWatcher, ServiceProcess, job_processes, scrape, wait_for
 from .support import TOKENS, bearer, health_status, job_spec_message, serve_manager

@@ -19,7 +19,7 @@ import pytest
 
 from service.api.zerotrain.v1 import job_service_pb2 as pb
 from service.ingest_token import ENV_TOKEN_FILE, TOKEN_FILE
-from service.ray_jobs import LocalRay
+from service.local_ray import LocalRay
 
 from .support import bearer, job_spec_message, serve_manager
 

@@ -26,7 +26,7 @@ from api_support import (
     serving,
 )
 
-from service import cli
+from service import cli, cli_views
 from service.auth import Authenticator
 from service.client import JobClient
 from service.display import strip_ansi
@@ -152,7 +152,7 @@ def test_list_of_several_owners_keeps_the_owner_column(port, manager, capsys, mo
 )
 def test_fit_columns_drops_by_priority_and_gives_name_the_rest(total, expected):
     natural = {"JOB": 18, "STATE": 9, "NAME": 40, "STEP": 9, "LOSS": 6, "CREATED": 11, "OWNER": 5}
-    assert cli.fit_columns(natural, cli._LIST_COLUMNS, total) == expected
+    assert cli_views.fit_columns(natural, cli_views.LIST_COLUMNS, total) == expected
 
 
 # ------------------------------------------------------------------------- json

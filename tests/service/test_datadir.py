@@ -24,7 +24,7 @@ from service.datadir import (
     prepare_data_dir,
     warn_if_exposed,
 )
-from service.ray_jobs import LocalRay, start_local_ray
+from service.local_ray import LocalRay, start_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_UID = 12345

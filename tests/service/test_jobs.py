@@ -26,8 +26,9 @@ from service.errors import (
     Unschedulable,
 )
 from service.jobs import JobManager
+from service.local_ray import LocalRay, start_local_ray
 from service.model import JobEvent, JobRecord, JobState
-from service.ray_jobs import LocalRay, RayJobs, start_local_ray
+from service.ray_jobs import RayJobs
 from service.spec import JobSpec
 from service.store import JobStore
 

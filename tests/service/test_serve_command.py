@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.server import ray_temp_dir
+from service.app import ray_temp_dir
 
 SCRIPT = Path(sys.executable).with_name("zerotrain-serve")
 
