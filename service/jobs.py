@@ -73,8 +73,10 @@ class JobManager:
             as the workers see it (``ZEROTRAIN_INGEST_CA``); ``None``: plaintext.
         metrics: Prometheus metrics to keep up to date.
         reconcile_interval_s: how often the store is brought in step with Ray.
-        entrypoint_factory: builds a job's command; defaults to the runtime
-            entry point (tests substitute a tiny command).
+        entrypoint_factory: builds a job's command from ``(job_id, spec_path,
+            runs_dir)``, ``spec_path`` being the job's ``spec.json`` (already
+            written); defaults to the runtime entry point (tests substitute a
+            tiny command).
         final_metrics_grace_s: after Ray reports success of a job that sent
             metrics, how long to wait for its ``"final": true`` record before
             marking it SUCCEEDED, so the final record precedes the terminal event.
@@ -290,9 +292,9 @@ class JobManager:
 
     # -- wiring ----------------------------------------------------------
 
-    def _runtime_entrypoint(self, job_id: str, spec_json: str, storage: Path) -> str:
+    def _runtime_entrypoint(self, job_id: str, spec_path: Path, storage: Path) -> str:
         return runtime_entrypoint(
-            job_id, spec_json, storage, allow_custom_tasks=self.allow_custom_tasks
+            job_id, spec_path, storage, allow_custom_tasks=self.allow_custom_tasks
         )
 
     def _count_reconciliation_error(self) -> None:

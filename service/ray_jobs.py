@@ -56,15 +56,18 @@ class ClusterResources:
 
 
 def runtime_entrypoint(
-    job_id: str, spec_json: str, storage: str | Path, *, allow_custom_tasks: bool = False
+    job_id: str, spec_path: str | Path, storage: str | Path, *, allow_custom_tasks: bool = False
 ) -> str:
     """The shell command a Ray job runs for a zerotrain job (quoted for ``sh``).
 
-    ``--machine``: the job's log keeps Ray's output and the metrics lines as
-    they come, for ``trainctl logs`` and for the failure reason read from it.
+    The job's description travels as the path of its ``spec.json`` (written by
+    the service into the run directory), never as JSON on the command line,
+    where ``ps`` and Ray's logs would show it. ``--machine``: the job's log keeps
+    Ray's output and the metrics lines as they come, for ``trainctl logs`` and
+    for the failure reason read from it.
     """
     parts = [
-        sys.executable, "-m", "service.runtime", "--machine", "--spec-json", spec_json,
+        sys.executable, "-m", "service.runtime", "--machine", "--spec", str(spec_path),
         "--job-id", job_id, "--storage", str(storage),
     ]  # fmt: skip
     if allow_custom_tasks:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "ShardingSpec",
     "TrainingSpec",
     "load_spec",
+    "save_spec",
 ]
 
 MAX_NAME_LENGTH = 128
@@ -356,6 +358,23 @@ def load_spec(path: str | Path) -> JobSpec:
     else:
         data = _parse_yaml(text, str(path))
     return JobSpec.from_dict(data)
+
+
+def save_spec(spec: JobSpec, path: str | Path) -> Path:
+    """Write ``spec`` as JSON to ``path`` (0600, atomically, never through a symlink).
+
+    The parent directory is created (0700) if missing. :func:`load_spec` reads
+    the file back into an equal spec.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(spec.to_dict(), f, separators=(",", ":"), sort_keys=True)
+    os.replace(tmp, path)
+    return path
 
 
 def _parse_json(text: str, source: str) -> Any:

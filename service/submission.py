@@ -2,14 +2,14 @@
 
 :class:`Submissions` checks a spec against this server's limits and the
 cluster's resources, stores the new job (through the :class:`JobWriter`),
-writes the job's run files and submits its entry point to Ray. It also
+writes the job's run files (``spec.json``, the job's one description, and the
+ingest token file) and submits its entry point to Ray. It also
 cancels jobs: CANCELLING at once, CANCELLED when the reconciler sees Ray stop
 the job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -28,17 +28,19 @@ from service.ingest_token import ENV_TOKEN_FILE, write_token_file
 from service.job_writer import ACTIVE, JobWriter, truncate
 from service.model import TERMINAL_STATES, JobRecord, JobState
 from service.ray_jobs import RayJobs
-from service.spec import JobSpec
+from service.spec import JobSpec, save_spec
 from service.tasks.registry import is_custom_task
 
-__all__ = ["MAX_IDEMPOTENCY_KEY_CHARS", "EntrypointFactory", "Submissions"]
+__all__ = ["MAX_IDEMPOTENCY_KEY_CHARS", "SPEC_FILE", "EntrypointFactory", "Submissions"]
 
 logger = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_CHARS = 128
+SPEC_FILE = "spec.json"
+"""The job's spec in its run directory; the Ray job's entry point reads it."""
 
-# (job_id, spec_json, storage) -> the shell command Ray runs for the job.
-EntrypointFactory = Callable[[str, str, Path], str]
+# (job_id, spec_path, storage) -> the shell command Ray runs for the job.
+EntrypointFactory = Callable[[str, Path, Path], str]
 
 
 class Submissions:
@@ -47,7 +49,7 @@ class Submissions:
     Args:
         writer: the job store's writer.
         ray: the Ray Jobs adapter.
-        entrypoint: builds a job's command from ``(job_id, spec_json, runs_dir)``.
+        entrypoint: builds a job's command from ``(job_id, spec_path, runs_dir)``.
         env: environment every job's driver gets (ingest address, CA).
         ingest_token: bearer token the workers use for the ingestion rpc, or
             a function of the job id giving a per-job token.
@@ -186,21 +188,20 @@ class Submissions:
         """
         job_id = record.job_id
         env = {"ZEROTRAIN_JOB_ID": job_id, **self.env}
-        spec_json = json.dumps(record.spec.to_dict(), separators=(",", ":"), sort_keys=True)
-        entrypoint = self.entrypoint(job_id, spec_json, self.writer.runs_dir)
+        run_dir = self.writer.run_dir(job_id)
         try:
+            spec_path = save_spec(record.spec, run_dir / SPEC_FILE)
+            entrypoint = self.entrypoint(job_id, spec_path, self.writer.runs_dir)
             if self.ingest_token:
                 token = self.ingest_token
                 # Only the file's path goes to Ray: Ray logs a job's runtime env.
-                path = write_token_file(
-                    self.writer.run_dir(job_id), token(job_id) if callable(token) else token
-                )
+                path = write_token_file(run_dir, token(job_id) if callable(token) else token)
                 env[ENV_TOKEN_FILE] = str(path)
             ray_job_id = self.ray.submit(
                 job_id, entrypoint, env=env, metadata={"zerotrain_job_id": job_id}
             )
         except Exception as exc:
-            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)  # or its token file
+            logger.warning("submitting job %s to Ray failed: %s", job_id, exc)  # or its run files
             with self.writer.lock:
                 self._submitting.discard(job_id)
                 self.writer.transition(

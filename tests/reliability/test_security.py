@@ -8,7 +8,6 @@ reaches Ray (jobs are seeded straight into the store), so no Ray is started.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from service.model import JobState
 from service.ray_jobs import runtime_entrypoint
 from service.runtime.trainer import build_trainer
 from service.server import TlsConfig
-from service.spec import JobSpec
+from service.spec import JobSpec, load_spec, save_spec
 
 from .support import (
     TOKENS,
@@ -283,11 +282,14 @@ def test_spec_strings_cannot_escape_the_data_dir_or_the_command(
     hostile = "$(touch /tmp/pwned); `id` ../../../../tmp/x '\"; rm -rf /"
     spec = JobSpec.from_dict({"name": hostile[:128], "task": "regression"})
     storage = served.manager.data_dir / "runs"
-    spec_json = json.dumps(spec.to_dict(), separators=(",", ":"), sort_keys=True)
-    command = shlex.split(runtime_entrypoint("j-0123456789abcdef", spec_json, storage))
-    # ... and reaches the worker as exactly one argument, beside the server's storage.
+    spec_path = save_spec(spec, storage / "j-0123456789abcdef" / "spec.json")
+    command = shlex.split(runtime_entrypoint("j-0123456789abcdef", spec_path, storage))
+    # ... and reaches the worker in its spec.json, named by one argument beside the
+    # server's storage: never on the command line (where ps and Ray's logs show it).
     assert command[:3] == [sys.executable, "-m", "service.runtime"]
-    assert command[command.index("--spec-json") + 1] == spec_json
+    assert Path(command[command.index("--spec") + 1]) == spec_path
+    assert load_spec(spec_path) == spec
+    assert "--spec-json" not in command and not any(hostile[:20] in part for part in command)
     assert Path(command[command.index("--storage") + 1]) == storage
     assert command.count("--storage") == 1 and command.count("--job-id") == 1
     # The run directory is named by the job id, which must be a plain name.

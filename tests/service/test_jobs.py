@@ -29,7 +29,7 @@ from service.jobs import JobManager
 from service.local_ray import LocalRay, start_local_ray
 from service.model import JobEvent, JobRecord, JobState
 from service.ray_jobs import RayJobs
-from service.spec import JobSpec
+from service.spec import JobSpec, save_spec
 from service.store import JobStore
 
 pytestmark = pytest.mark.ray
@@ -50,8 +50,10 @@ _SCRIPTS = {
 }
 
 
-def tiny_entrypoint(job_id: str, spec_json: str, storage: Path) -> str:
-    script = _SCRIPTS[json.loads(spec_json)["name"]]
+def tiny_entrypoint(job_id: str, spec_path: Path, storage: Path) -> str:
+    # The manager wrote the job's spec.json into its run directory before this.
+    assert spec_path == storage / job_id / "spec.json"
+    script = _SCRIPTS[json.loads(spec_path.read_text())["name"]]
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
 
 
@@ -291,7 +293,9 @@ def test_start_submits_a_job_accepted_before_a_crash(
     store = JobStore(tmp_path / "jobs.db")
     accepted = stored_job(store, f"j-crashed-{ray_accepted_it}".lower(), "instant")
     if ray_accepted_it:
-        entrypoint = tiny_entrypoint(accepted.job_id, '{"name": "instant"}', tmp_path)
+        runs = tmp_path / "runs"  # what the crashed service had written, and submitted
+        spec_path = save_spec(accepted.spec, runs / accepted.job_id / "spec.json")
+        entrypoint = tiny_entrypoint(accepted.job_id, spec_path, runs)
         ray_jobs.submit(accepted.job_id, entrypoint)
     manager = JobManager(
         store, ray_jobs, data_dir=tmp_path, reconcile_interval_s=0.2,
