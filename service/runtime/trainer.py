@@ -101,7 +101,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec.to_dict(),
+            "spec": spec,  # the validated JobSpec itself: workers need not parse it again
             "job_id": job_id,
             "storage": run_directory(storage, job_id),
             "allow_custom_tasks": allow_custom_tasks,

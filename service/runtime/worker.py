@@ -61,15 +61,28 @@ class _Window:
         self.clock = PhaseClock(self.device)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Worker:
+    """This worker's place in the run: what the loop needs besides the spec and the task."""
+
+    job_id: str
+    storage: str
+    """The run's directory (path or URI) that checkpoint paths are reported under."""
+    rank: int
+    world: int
+    attempt: int
+    device: torch.device
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry: ``config`` has ``spec`` (a JobSpec dict), ``job_id``, ``storage``
-    (the run's storage path or URI, for reporting checkpoint paths), ``allow_custom_tasks``
-    and optionally ``metrics_file``."""
+    """Ray Train entry: ``config`` has ``spec`` (the validated :class:`JobSpec`), ``job_id``,
+    ``storage`` (the run's storage path or URI, for reporting checkpoint paths),
+    ``allow_custom_tasks`` and optionally ``metrics_file``."""
     import ray.train
 
     from service.runtime.run_files import RunFiles
 
-    spec = JobSpec.from_dict(config["spec"])
+    spec: JobSpec = config["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(spec)
@@ -111,8 +124,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{world} workers, engine {engine.description}, "
             + (f"resuming at step {step}" if step else "starting")
         )
+    worker = _Worker(
+        job_id=config["job_id"],
+        storage=str(config.get("storage", "")),
+        rank=rank,
+        world=world,
+        attempt=attempt,
+        device=device,
+    )
     try:
-        _train(spec, config, task, engine, device, rank, world, attempt, step, position, reporter)
+        _train(spec, worker, task, engine, reporter, step=step, position=position)
     finally:
         engine.close()
         if reporter is not None:
@@ -121,18 +142,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _train(
     spec: JobSpec,
-    config: dict[str, Any],
+    worker: _Worker,
     task: Any,
     engine: Engine,
-    device: torch.device,
-    rank: int,
-    world: int,
-    attempt: int,
+    reporter: Reporter | None,
+    *,
     step: int,
     position: int,
-    reporter: Reporter | None,
 ) -> None:
+    """Train from ``step`` (stream ``position``) to ``max_steps``, reporting and checkpointing."""
     training = spec.training
+    device, rank, world = worker.device, worker.rank, worker.world
     stream = SampleStream(len(task.train), training.seed)
     batch, accum = training.batch_size, training.grad_accum_steps
     autocast = (
@@ -177,12 +197,10 @@ def _train(
             continue
         # The record first, so that the checkpoint's report (Ray Train's result
         # metrics) carries its loss and held-out metrics, not only the step.
-        record = _metrics_record(
-            spec, config, task, engine, window, rank, world, attempt, step, final
-        )
+        record = _metrics_record(spec, worker, task, engine, window, step=step, final=final)
         if _checkpoints_at(training, step):
             record["checkpoint"] = _save_checkpoint(
-                spec, config, engine, rank, world, step, position, attempt, _result_metrics(record)
+                spec, worker, engine, _result_metrics(record), step=step, position=position
             )
         # Only now: neither evaluation nor checkpoint writes count as training time.
         window = _Window(device)
@@ -235,17 +253,16 @@ def _result_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 def _metrics_record(
     spec: JobSpec,
-    config: dict[str, Any],
+    worker: _Worker,
     task: Any,
     engine: Engine,
     window: _Window,
-    rank: int,
-    world: int,
-    attempt: int,
+    *,
     step: int,
     final: bool,
 ) -> dict[str, Any]:
     """Build the record (collective: every rank calls this; only rank 0's result is used)."""
+    rank, world = worker.rank, worker.world
     elapsed = time.perf_counter() - window.started
     phases = _phase_seconds(window, engine)
     loss = window.loss_sum.reshape(1).clone()
@@ -262,8 +279,8 @@ def _metrics_record(
     # Throughput of training: a one-off kernel compile is reported as its own phase.
     training_time = elapsed - phases.get("compile", 0.0) * max(window.steps, 1)
     record: dict[str, Any] = {
-        "job_id": config["job_id"],
-        "attempt": attempt,
+        "job_id": worker.job_id,
+        "attempt": worker.attempt,
         "step": step,
         "time": time.time(),
         "rank": rank,
@@ -286,21 +303,20 @@ def _metrics_record(
 
 def _save_checkpoint(
     spec: JobSpec,
-    config: dict[str, Any],
+    worker: _Worker,
     engine: Engine,
-    rank: int,
-    world: int,
+    metrics: dict[str, float],
+    *,
     step: int,
     position: int,
-    attempt: int,
-    metrics: dict[str, float],
 ) -> dict[str, Any]:
     """Write this rank's part into a staging dir in the run directory and report it with
     ``metrics`` (which must hold ``step``); Train V2 merges the rank dirs into the checkpoint."""
     import ray.train
 
+    rank = worker.rank
     name = f"checkpoint_{step:08d}"
-    with staged_checkpoint(str(config.get("storage", "")), attempt, rank, name) as directory:
+    with staged_checkpoint(worker.storage, worker.attempt, rank, name) as directory:
         engine.save(directory)
         rng_dir = directory / "rng"
         rng_dir.mkdir(exist_ok=True)
@@ -310,11 +326,11 @@ def _save_checkpoint(
             meta = {
                 "step": step,
                 "position": position,
-                "world_size": world,
+                "world_size": worker.world,
                 "engine": engine.name,
                 "seed": spec.training.seed,
-                "job_id": config["job_id"],
-                "attempt": attempt,
+                "job_id": worker.job_id,
+                "attempt": worker.attempt,
                 "time": time.time(),
             }
             (directory / CHECKPOINT_META).write_text(json.dumps(meta))
@@ -324,7 +340,7 @@ def _save_checkpoint(
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=name,
         )
-    storage = str(config.get("storage", "")).rstrip("/")
+    storage = worker.storage.rstrip("/")
     return {"step": step, "path": f"{storage}/{name}" if storage else name, "time": time.time()}
 
 
