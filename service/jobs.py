@@ -120,7 +120,6 @@ class JobManager:
         self.ray = ray
         self.data_dir = Path(data_dir)
         self.allow_custom_tasks = allow_custom_tasks
-        self.ingest_address = ingest_address
         self.metrics = metrics
         self.reconcile_interval_s = reconcile_interval_s
         self.reconciliation_errors = 0
@@ -133,16 +132,12 @@ class JobManager:
         self._writer = JobWriter(
             store, runs_dir=self.data_dir / "runs", clock=clock, on_finished=finished_hooks
         )
-        env = {}
-        if ingest_address:
-            env["ZEROTRAIN_INGEST_ADDRESS"] = ingest_address
-        if ingest_ca:
-            env["ZEROTRAIN_INGEST_CA"] = ingest_ca
         self._submissions = Submissions(
             self._writer,
             ray,
             entrypoint=entrypoint_factory or self._runtime_entrypoint,
-            env=env,
+            ingest_address=ingest_address,
+            ingest_ca=ingest_ca,
             ingest_token=ingest_token,
             allow_custom_tasks=allow_custom_tasks,
             min_cpus_per_worker=min_cpus_per_worker,
@@ -164,6 +159,15 @@ class JobManager:
             export=metrics.record_training if metrics is not None else None,
         )
         self._streams = EventStreams(self._writer, ray, self._stopping)
+
+    @property
+    def ingest_address(self) -> str | None:
+        """``host:port`` the jobs submitted from now on push metrics to (settable)."""
+        return self._submissions.ingest_address
+
+    @ingest_address.setter
+    def ingest_address(self, address: str | None) -> None:
+        self._submissions.ingest_address = address
 
     # -- lifecycle -------------------------------------------------------
 

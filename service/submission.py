@@ -50,7 +50,9 @@ class Submissions:
         writer: the job store's writer.
         ray: the Ray Jobs adapter.
         entrypoint: builds a job's command from ``(job_id, spec_path, runs_dir)``.
-        env: environment every job's driver gets (ingest address, CA).
+        ingest_address: ``host:port`` workers push metrics records to; may be set
+            later (a server bound to port 0 knows it only once started).
+        ingest_ca: PEM file of the CA the workers verify the service's TLS with.
         ingest_token: bearer token the workers use for the ingestion rpc, or
             a function of the job id giving a per-job token.
         allow_custom_tasks: accept ``package.module:function`` tasks.
@@ -65,7 +67,8 @@ class Submissions:
         ray: RayJobs,
         *,
         entrypoint: EntrypointFactory,
-        env: dict[str, str],
+        ingest_address: str | None,
+        ingest_ca: str | None,
         ingest_token: str | Callable[[str], str] | None,
         allow_custom_tasks: bool,
         min_cpus_per_worker: float,
@@ -76,7 +79,8 @@ class Submissions:
         self.store = writer.store
         self.ray = ray
         self.entrypoint = entrypoint
-        self.env = env
+        self.ingest_address = ingest_address
+        self.ingest_ca = ingest_ca
         self.ingest_token = ingest_token
         self.allow_custom_tasks = allow_custom_tasks
         self.min_cpus_per_worker = min_cpus_per_worker
@@ -187,7 +191,11 @@ class Submissions:
         The caller has marked the job as submitting; this clears the mark.
         """
         job_id = record.job_id
-        env = {"ZEROTRAIN_JOB_ID": job_id, **self.env}
+        env = {"ZEROTRAIN_JOB_ID": job_id}
+        if self.ingest_address:
+            env["ZEROTRAIN_INGEST_ADDRESS"] = self.ingest_address
+        if self.ingest_ca:
+            env["ZEROTRAIN_INGEST_CA"] = self.ingest_ca
         run_dir = self.writer.run_dir(job_id)
         try:
             spec_path = save_spec(record.spec, run_dir / SPEC_FILE)
