@@ -65,7 +65,6 @@ _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?)?$"
 _TASK_ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
-
 def _betas(path: str, value: Any) -> tuple[Any, str | None]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         return None, f"{path}: must be a pair [beta1, beta2], got {value!r}"
@@ -146,7 +145,6 @@ def _task_args(path: str, value: Any) -> tuple[Any, str | None]:
     if errors:
         return None, "\n".join(errors)
     return dict(value), None
-
 
 
 # ------------------------------------------------------------------------ sections
@@ -333,7 +331,7 @@ class JobSpec(Section):
             task, task_errors = _task_name("task", data.get("task"))
             args, args_errors = _task_args("task_args", data.get("task_args", {}))
             if not task_errors and not args_errors and not is_custom_task(task):
-                        errors.extend(e for e in get_task(task).resolve_args(args)[1] if e not in errors)
+                errors.extend(e for e in get_task(task).resolve_args(args)[1] if e not in errors)
         if errors or spec is None:
             raise SpecError(errors)
         return spec

@@ -45,6 +45,8 @@ CHECKPOINT_META = "meta.json"
 CHECKSUMS_DIR = "checksums"
 """Per-rank manifests (``checksums/rank-<r>.json``): SHA-256 and size of every file that
 rank wrote into the checkpoint (model, meta, RNG state, optimizer shards)."""
+
+
 @dataclass
 class _Window:
     """Accumulates what a metrics record averages over (the steps since the last record)."""
