@@ -15,7 +15,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY constraints.txt pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml setup.py README.md ./
 COPY optim ./optim
 COPY service ./service
 COPY protos ./protos
@@ -46,7 +46,7 @@ VOLUME ["/data"]
 # Prometheus /metrics
 EXPOSE 50051 50052 9464
 HEALTHCHECK --interval=15s --timeout=6s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "service.health", "--timeout", "5"]
-ENTRYPOINT ["python", "-m", "service"]
+    CMD ["python", "-m", "zerotrain.service.health", "--timeout", "5"]
+ENTRYPOINT ["python", "-m", "zerotrain.service"]
 CMD ["serve", "--address=0.0.0.0:50051", "--health-port=50052", "--metrics-port=9464", \
      "--data-dir=/data", "--tokens-file=/etc/zerotrain/tokens.yaml"]

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	@echo "setup: installing zerotrain into $(VENV)/ with torch (CPU), Ray, gRPC, DeepSpeed, matplotlib and the dev tools; about 3-4 minutes the first time"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 generate: setup
-	$(PY) -m service.api.generate
+	$(PY) -m zerotrain.service.api.generate
 
 lint: setup
 	$(PY) -m ruff check .
@@ -28,8 +28,9 @@ lint: setup
 typecheck: setup
 	$(PY) -m mypy optim service
 
-# Every run ends with the skip reasons and the 15 slowest tests.
-PYTEST := $(PY) -m pytest -rs --durations=15
+# Every run ends with the skip reasons and the 15 slowest tests. -P keeps the
+# checkout's root off sys.path: the code is importable only as zerotrain.*.
+PYTEST := $(PY) -P -m pytest -rs --durations=15
 
 # Two pytest workers: the tests marked `ray` (one xdist group, one Ray head) on
 # one, everything else on the other (tests/conftest.py).
@@ -42,7 +43,7 @@ test-fast: setup lint prometheus
 	$(PYTEST) -m "not ray"
 
 demo: setup
-	$(PY) -m service.demo
+	$(PY) -m zerotrain.service.demo
 
 # Each benchmark prints a table and writes bench/results/<name>.json; the
 # recorded numbers live in docs/BENCHMARKS.md.

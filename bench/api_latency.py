@@ -48,13 +48,13 @@ def _token(name: str) -> str:
 
 def _serve(port_queue: Any, stop_event: Any) -> None:
     """Child process: seed a store, serve until told to stop."""
-    from service.auth import Authenticator, Principal
-    from service.jobs import JobManager
-    from service.metrics import ServiceMetrics
-    from service.model import JobRecord, JobState
-    from service.server import create_server, stop_server
-    from service.spec import JobSpec
-    from service.store import JobStore
+    from zerotrain.service.auth import Authenticator, Principal
+    from zerotrain.service.jobs import JobManager
+    from zerotrain.service.metrics import ServiceMetrics
+    from zerotrain.service.model import JobRecord, JobState
+    from zerotrain.service.server import create_server, stop_server
+    from zerotrain.service.spec import JobSpec
+    from zerotrain.service.store import JobStore
 
     data_dir = Path(tempfile.mkdtemp(prefix="zt-bench-api-"))
     store = JobStore(data_dir / "jobs.db")
@@ -104,10 +104,10 @@ def _record(job_id: str, step: int, sent: float | None = None) -> dict:
 
 def _client(port: int, threads: int, seconds: float, seed: int, out: Any) -> None:
     """Client process: ``threads`` loops over the rpc mix; puts its samples on ``out``."""
-    from service import convert
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-    from service.auth import JOB_ID_METADATA, ingest_token
+    from zerotrain.service import convert
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+    from zerotrain.service.auth import JOB_ID_METADATA, ingest_token
 
     samples: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
@@ -173,8 +173,8 @@ def _client(port: int, threads: int, seconds: float, seed: int, out: Any) -> Non
 
 def _watchers(port: int, count: int, stop: threading.Event) -> list[float]:
     """Live watchers on RUNNING jobs: ms from a record's send time to its arrival."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 
     delays: list[float] = []
     lock = threading.Lock()

@@ -49,13 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check_group import Row, guard, run_group  # bench/ is this script's directory
+from gpu_check_optim import check_parity, check_timing
+
+from zerotrain.optim import functional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.gpu_check_group import Row, guard, run_group  # noqa: E402
-from bench.gpu_check_optim import check_parity, check_timing  # noqa: E402
-from optim import functional  # noqa: E402
 
 SECTIONS = ("parity", "timing", "nccl", "service")
 RESULTS = ROOT / "bench" / "results" / "gpu_check.json"
@@ -68,8 +67,8 @@ def check_service(device: torch.device, max_steps: int, timeout_s: float) -> lis
     """A digits job with ``use_gpu`` (on CUDA) through the service with an embedded Ray."""
     import yaml
 
-    from service.app import Service, ray_temp_dir
-    from service.config import ServerConfig
+    from zerotrain.service.app import Service, ray_temp_dir
+    from zerotrain.service.config import ServerConfig
 
     use_gpu = device.type == "cuda"
     spec = yaml.safe_load((ROOT / "examples" / "digits_nadam.yaml").read_text())
@@ -101,8 +100,8 @@ def check_service(device: torch.device, max_steps: int, timeout_s: float) -> lis
 
 def _run_job(rows: list[Row], service: Any, token: str, spec: dict[str, Any], timeout_s: float) -> None:
     """Start ``service``, submit ``spec``, wait for the end; rows appended as they are known."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.client import TERMINAL_STATES, JobClient
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.client import TERMINAL_STATES, JobClient
 
     use_gpu = spec["scaling"]["use_gpu"]
     started = time.monotonic()

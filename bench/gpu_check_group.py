@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import optim
+from zerotrain import optim
 
 __all__ = ["ALGORITHMS", "Row", "count_syncs", "guard", "make_mlp", "mlp_loss", "rel_error",
            "run_group"]

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from gpu_check_group import ALGORITHMS, Row, guard, make_mlp, mlp_loss, rel_error
+from optim_step import BYTES_PER_PARAM, gpt_like_shapes
 
-import optim
-from bench.gpu_check_group import ALGORITHMS, Row, guard, make_mlp, mlp_loss, rel_error
-from bench.optim_step import BYTES_PER_PARAM, gpt_like_shapes
-from optim import functional
+from zerotrain import optim
+from zerotrain.optim import functional
 
 __all__ = ["check_parity", "check_timing"]
 
@@ -123,7 +123,7 @@ def _compare_fused(name: str, device: torch.device, steps: int, algorithm: str) 
     eager = optim.ZeroOptimizer(_groups(eager_model), ours_cls, **options)
     ref_opt = torch_cls(_groups(ref_model), **options)
     before = functional.compile_seconds()
-    with _logged("optim.functional") as problems:
+    with _logged("zerotrain.optim.functional") as problems:
         _train_on_ref_grads(ref_model, ref_opt, [(fused_model, fused), (eager_model, eager)], steps)
     compile_s = functional.compile_seconds() - before
     error, bitwise = rel_error(list(fused_model.parameters()), list(eager_model.parameters()))
@@ -140,7 +140,7 @@ def _compare_fused(name: str, device: torch.device, steps: int, algorithm: str) 
 
 
 def _fallback_reasons(logged: list[str]) -> list[str]:
-    """Why fused steps ran eagerly: what optim.functional logged, or no torch.compile here."""
+    """Why fused steps ran eagerly: what zerotrain.optim.functional logged, or no torch.compile here."""
     return logged + ([] if functional.compile_available() else ["torch.compile unavailable"])
 
 
@@ -195,7 +195,7 @@ def _time_algorithm(algorithm: str, shapes: list[tuple[int, ...]], device: torch
                     repeats: int, warmup: int) -> list[Row]:  # fmt: skip
     numel = sum(torch.Size(s).numel() for s in shapes)
     variants, skipped = _timing_variants(algorithm, shapes, device)
-    with _logged("optim.functional") as logged:
+    with _logged("zerotrain.optim.functional") as logged:
         _measure(variants, device, warmup, repeats)
     fallback = _fallback_reasons(logged)
     prefix = f"{algorithm} {len(shapes)} tensors {numel / 1e6:.1f}M"
@@ -255,7 +255,7 @@ def _timing_variants(algorithm: str, shapes: list[tuple[int, ...]],
 
 
 def _flat_step(algorithm: str, numel: int, device: torch.device, compile: bool) -> Callable[[], None]:
-    """One step of ``optim.functional`` on one flat buffer, as ZeroOptimizer runs its shard."""
+    """One step of ``zerotrain.optim.functional`` on one flat buffer, as ZeroOptimizer runs its shard."""
     p, g = torch.randn(numel, device=device), torch.randn(numel, device=device)
     m, u = torch.zeros_like(p), torch.zeros_like(p)
     mu_product = torch.tensor(1.0)  # on the host, as ZeroOptimizer keeps it: no device read

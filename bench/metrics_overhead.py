@@ -31,9 +31,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import generate_latest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from service.metrics import MetricsInterceptor, ServiceMetrics
+from zerotrain.service.metrics import MetricsInterceptor, ServiceMetrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_overhead.json"
 

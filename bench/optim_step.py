@@ -7,7 +7,7 @@ time) for
 * torch.optim.Adamax / NAdam, for-loop (foreach=False), foreach=True, and its
   step compiled with ``torch.compile`` (PyTorch's recipe for a fused step);
 * optim.Adamax / optim.Nadam (the drop-in classes), for-loop and foreach;
-* the flat-buffer step (optim.functional on one contiguous buffer, as the
+* the flat-buffer step (zerotrain.optim.functional on one contiguous buffer, as the
   sharded optimizer runs it), eager and compiled;
 * ``ZeroOptimizer.step()`` in one process (defaults; ``compile=True``) on
   assigned gradients: its time includes copying them into the gradient buckets
@@ -38,11 +38,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import optim
-from optim.functional import adamax_step, compile_available, nadam_step
-from optim.zero import ZeroOptimizer
+from zerotrain import optim
+from zerotrain.optim.functional import adamax_step, compile_available, nadam_step
+from zerotrain.optim.zero import ZeroOptimizer
 
 BYTES_PER_PARAM = 28  # float32: read p, g, m, u; write p, m, u
 RESULTS = Path(__file__).resolve().parent / "results" / "optim_step.json"

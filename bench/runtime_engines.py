@@ -44,8 +44,8 @@ def main() -> int:
     import ray
     import yaml
 
-    from service.runtime.trainer import run_job
-    from service.spec import JobSpec
+    from zerotrain.service.runtime.trainer import run_job
+    from zerotrain.service.spec import JobSpec
 
     base = yaml.safe_load((ROOT / "examples" / "regression.yaml").read_text())
     base["training"].update(

@@ -1,6 +1,6 @@
 """Service under load: 64 concurrent clients against a real server over a real Ray.
 
-A real service (``python -m service serve``: token auth, SQLite store, metrics)
+A real service (``python -m zerotrain.service serve``: token auth, SQLite store, metrics)
 runs in its own process over a private local Ray head. Its store is seeded with
 finished jobs (so reads have data), then client *processes* (threads inside,
 one channel each) loop for a fixed time over a mix of rpcs:
@@ -92,7 +92,7 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 
 
 def _stub(port: int) -> Any:
-    from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 
     return pb_grpc.JobServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
@@ -100,9 +100,9 @@ def _stub(port: int) -> Any:
 # --------------------------------------------------------------------- server
 def _seed_store(data_dir: Path) -> tuple[list[str], int]:
     """Finished jobs with a few events each, written before the server starts."""
-    from service.model import JobRecord, JobState
-    from service.spec import JobSpec
-    from service.store import JobStore
+    from zerotrain.service.model import JobRecord, JobState
+    from zerotrain.service.spec import JobSpec
+    from zerotrain.service.store import JobStore
 
     store = JobStore(data_dir / "jobs.db")
     spec = JobSpec.from_dict(SHORT_JOB)
@@ -138,7 +138,7 @@ def _seed_store(data_dir: Path) -> tuple[list[str], int]:
 
 
 class Server:
-    """``python -m service serve`` over the given Ray head, RSS sampled in a thread."""
+    """``python -m zerotrain.service serve`` over the given Ray head, RSS sampled in a thread."""
 
     def __init__(self, data_dir: Path, ray_address: str) -> None:
         tokens = data_dir / "tokens.yaml"
@@ -148,7 +148,7 @@ class Server:
         self.port = _free_port()
         self.log = data_dir / "service.log"
         args = [
-            sys.executable, "-m", "service", "serve", "--address", f"127.0.0.1:{self.port}",
+            sys.executable, "-m", "zerotrain.service", "serve", "--address", f"127.0.0.1:{self.port}",
             "--metrics-port", "-1", "--data-dir", str(data_dir), "--ray-address", ray_address,
             "--tokens-file", str(tokens), "--log-level", "WARNING", "--health-port", "0",
             *SERVER_LIMITS,
@@ -187,9 +187,9 @@ class Server:
 def _client(port: int, threads: int, seconds: float, seed: int, seeded: list[str],
             replay_events: int, think_s: float, submit_budget: Any, out: Any) -> None:  # fmt: skip
     """Client process: ``threads`` threads, each with its own channel, for ``seconds``."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.convert import spec_to_proto
-    from service.spec import JobSpec
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.convert import spec_to_proto
+    from zerotrain.service.spec import JobSpec
 
     spec_msg = spec_to_proto(JobSpec.from_dict(SHORT_JOB))
     lock = threading.Lock()
@@ -275,8 +275,8 @@ class JobWatcher(threading.Thread):
         self.error = ""
 
     def run(self) -> None:
-        from service.api.zerotrain.v1 import job_service_pb2 as pb
-        from service.convert import state_name
+        from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+        from zerotrain.service.convert import state_name
 
         try:
             for event in _stub(self.port).WatchJob(
@@ -290,8 +290,8 @@ class JobWatcher(threading.Thread):
 
 def _canonical_states(port: int, job_id: str) -> list[str]:
     """The job's state transitions as the store holds them (a fresh replay after the end)."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.convert import state_name
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.convert import state_name
 
     events = _stub(port).WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=_metadata(),
                                   timeout=60)  # fmt: skip
@@ -302,7 +302,7 @@ def _canonical_states(port: int, job_id: str) -> list[str]:
 def _getjob_client(port: int, threads: int, seconds: float, seed: int, seeded: list[str],
                    think_s: float, out: Any) -> None:  # fmt: skip
     """Client process: GetJob only, ``threads`` threads with a channel each."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 
     lock = threading.Lock()
     latencies: list[float] = []
@@ -336,8 +336,8 @@ def _getjob_client(port: int, threads: int, seconds: float, seed: int, seeded: l
 def _hog(port: int, seconds: float, ready: Any, out: Any) -> None:
     """The stream hog (its own process): open WatchJob streams on its running job until
     refused, then keep asking for more for ``seconds``; report what it held and was told."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 
     hog_md = (("authorization", f"Bearer {HOG_TOKEN}"),)
     channels: list[grpc.Channel] = []
@@ -415,9 +415,9 @@ def run_stream_hog(port: int, seeded: list[str], seconds: float, clients: int, t
 # ------------------------------------------------------------------- startup
 def _first_step_via_service(port: int) -> float:
     """SubmitJob -> the worker's timestamp of its step-1 record (seconds)."""
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.convert import spec_to_proto
-    from service.spec import JobSpec
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.convert import spec_to_proto
+    from zerotrain.service.spec import JobSpec
 
     stub = _stub(port)
     began = time.time()
@@ -437,8 +437,8 @@ import json, sys, time
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from service.runtime.worker import train_loop_per_worker
-from service.spec import JobSpec
+from zerotrain.service.runtime.worker import train_loop_per_worker
+from zerotrain.service.spec import JobSpec
 spec, storage, metrics = JobSpec.from_dict(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3]
 ray.init(address="auto")
 TorchTrainer(
@@ -497,14 +497,14 @@ def _pct(values: list[float], q: float) -> float:
 
 def _start_hog_job(head: Any) -> None:
     """A Ray job that only sleeps behind the hog's seeded RUNNING job, so it stays RUNNING."""
-    from service.ray_jobs import RayJobs
+    from zerotrain.service.ray_jobs import RayJobs
 
     RayJobs(head.address, token=head.token).submit(HOG_JOB, "sleep 3600")
 
 
 def run_hog_only(seconds: float, clients: int, threads: int, think_s: float) -> dict:
     """Only the stream-hog scenario (a Ray head is still started: the service needs one)."""
-    from service.local_ray import start_local_ray
+    from zerotrain.service.local_ray import start_local_ray
 
     load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))
@@ -535,7 +535,7 @@ def run(
     seconds: float, clients: int, threads: int, submits: int, repeats: int, think_s: float,
     hog: dict[str, Any],
 ) -> dict:
-    from service.local_ray import start_local_ray
+    from zerotrain.service.local_ray import start_local_ray
 
     load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="ztload-", dir="/tmp"))
@@ -568,7 +568,7 @@ def run(
             p.start()
         # Watch every submitted job from its start: poll ListJobs for new ids.
         watchers: dict[str, JobWatcher] = {}
-        from service.api.zerotrain.v1 import job_service_pb2 as pb
+        from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 
         lister = _stub(server.port)
         # (The clients post their results before exiting: collect them after the loop.)

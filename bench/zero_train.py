@@ -18,7 +18,7 @@ round (``--rounds`` x ``--steps``, at least 30 by default) and samples/s from it
 its speed relative to DDP (pooled, and the median of the per-round ratios, which a
 machine whose speed drifts over minutes disturbs less),
 optimizer-state bytes per rank (one definition for every optimizer:
-``service.runtime.engines.optimizer_state_bytes``, moments and master copies,
+``zerotrain.service.runtime.engines.optimizer_state_bytes``, moments and master copies,
 DeepSpeed's fp32 partition included), peak RSS per rank, and the final loss
 (which must agree across variants). For ZeroOptimizer also the gradient bytes a
 rank holds (``ZeroOptimizer.grad_bytes``) right after backward and between
@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 LOAD_AT_START = os.getloadavg()
 
@@ -127,8 +126,8 @@ def _build(variant: str, model: nn.Module, cfg: dict):
 
     ``grad_bytes`` is a function (ZeroOptimizer) or None (not measured).
     """
-    from optim import Nadam, ZeroOptimizer
-    from service.runtime.engines import optimizer_state_bytes
+    from zerotrain.optim import Nadam, ZeroOptimizer
+    from zerotrain.service.runtime.engines import optimizer_state_bytes
 
     lr = cfg["lr"]
     if variant.startswith("zero-"):

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import optim
+from zerotrain import optim
 
 
 def make_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 ``optim`` is pure maths plus sharding: it never imports the service, Ray or gRPC.
 """
 
-from optim.adamax import Adamax
-from optim.nadam import Nadam
-from optim.zero import ZeroOptimizer
+from zerotrain.optim.adamax import Adamax
+from zerotrain.optim.nadam import Nadam
+from zerotrain.optim.zero import ZeroOptimizer
 
 __all__ = ["Adamax", "Nadam", "ZeroOptimizer"]

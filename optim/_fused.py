@@ -1,6 +1,6 @@
 """Building the fused optimizer kernels with ``torch.compile``, and trusting them.
 
-``optim.functional`` writes each update rule once against a few tensor
+``zerotrain.optim.functional`` writes each update rule once against a few tensor
 operations; ``FUSED_OPS`` are those operations as ``torch.compile`` should see
 them (pure expressions, in place by copy, a fused multiply-add exactly where
 ATen's vectorised CPU kernels use one), so the rule traces into one kernel.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._rules import adamax_moments, nadam_denominator, nadam_moments
+from zerotrain.optim._rules import adamax_moments, nadam_denominator, nadam_moments
 
 __all__ = [
     "FUSED_OPS",
@@ -35,7 +35,7 @@ __all__ = [
     "usable",
 ]
 
-_log = logging.getLogger("optim.functional")
+_log = logging.getLogger("zerotrain.optim.functional")
 
 
 def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ exactly as torch computes them. The rules (``*_moments``, ``nadam_denominator``)
 are written against a handful of tensor operations, ``ops``: ``PER_TENSOR``
 runs them one tensor at a time with ATen's kernels (torch's for-loop path),
 ``FOREACH`` on lists with ``torch._foreach_*`` kernels (torch's multi-tensor
-path), and ``optim._fused.FUSED_OPS`` traces them into one kernel.
+path), and ``zerotrain.optim._fused.FUSED_OPS`` traces them into one kernel.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from optim import _common, functional
+from zerotrain.optim import _common, functional
 
 __all__ = ["Adamax"]
 
@@ -26,7 +26,7 @@ class Adamax(_common.TwinOptimizer):
 
     with ``m_0 = u_0 = 0``. As in PyTorch, ``eps`` sits inside the max and ``u``
     is not bias corrected. The arithmetic follows ``torch.optim.Adamax``
-    operation by operation (see ``optim.functional.adamax_step``), so results
+    operation by operation (see ``zerotrain.optim.functional.adamax_step``), so results
     are bitwise equal to torch's for the same ``foreach`` setting on CPU.
 
     A drop-in replacement for ``torch.optim.Adamax``: the same constructor,

@@ -13,7 +13,7 @@ functional API; the drop-in classes call them with one tensor per parameter,
   for-loop path, the default), whole lists with ``torch._foreach_*`` kernels
   (torch's multi-tensor path, ``foreach=True``), or traced by ``torch.compile``
   into one fused kernel per tensor that reads and writes every operand once
-  (``compile=True``, 28 bytes per float32 element; see ``optim._fused``). The
+  (``compile=True``, 28 bytes per float32 element; see ``zerotrain.optim._fused``). The
   step-dependent scalars reach the fused kernel as one small tensor, so stepping
   never recompiles. ``capturable=True`` keeps the step counts on the device.
 
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim import _fused
-from optim._fused import compile_available, compile_seconds
-from optim._rules import (
+from zerotrain.optim import _fused
+from zerotrain.optim._fused import compile_available, compile_seconds
+from zerotrain.optim._rules import (
     FOREACH,
     PER_TENSOR,
     adamax_moments,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from optim import _common, functional
+from zerotrain.optim import _common, functional
 
 __all__ = ["Nadam"]
 
@@ -34,7 +34,7 @@ class Nadam(_common.TwinOptimizer):
     with ``m_0 = v_0 = 0``; the product of the mu's is kept as the
     ``mu_product`` state. ``decoupled_weight_decay=True`` gives NAdamW
     (Loshchilov & Hutter 2019). The arithmetic follows ``torch.optim.NAdam``
-    operation by operation (see ``optim.functional.nadam_step``), so results are
+    operation by operation (see ``zerotrain.optim.functional.nadam_step``), so results are
     bitwise equal to torch's for the same ``foreach`` setting on CPU.
 
     Other libraries' Nadam are special cases of this one:

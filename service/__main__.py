@@ -1,6 +1,6 @@
-"""``python -m service serve`` (console script ``zerotrain-serve``): run the service.
+"""``python -m zerotrain.service serve`` (console script ``zerotrain-serve``): run the service.
 
-Every flag falls back to an environment variable (see :mod:`service.config`).
+Every flag falls back to an environment variable (see :mod:`zerotrain.service.config`).
 SIGHUP re-reads the tokens file (rotation without a restart; a bad file keeps
 the current tokens). Runs until SIGTERM or SIGINT, then stops serving (open
 streams get a few seconds of grace), stops the job manager and, unless
@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.config import (
+from zerotrain.service.config import (
     DEFAULT_ADDRESS,
     DEFAULT_HEALTH_PORT,
     DEFAULT_METRICS_PORT,
@@ -37,11 +37,11 @@ CONSOLE_SCRIPT = "zerotrain-serve"
 """The console script's name (pyproject.toml); it runs ``serve``."""
 
 
-def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m zerotrain.service") -> argparse.ArgumentParser:
     """The command-line parser (``serve`` is the only command, and the default).
 
     ``prog`` is the command the user typed: ``zerotrain-serve`` (the console
-    script, which means ``serve``) or ``python -m service``.
+    script, which means ``serve``) or ``python -m zerotrain.service``.
     """
     description = "zerotrain job service (gRPC control plane)"
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -124,7 +124,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         if value is not None:
             values[key] = value
     if values.get("insecure_no_auth"):
-        from service.server import is_loopback
+        from zerotrain.service.server import is_loopback
 
         address = values.get("address", DEFAULT_ADDRESS)
         if not is_loopback(address):
@@ -141,7 +141,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
 
 def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
     """Run the service until SIGTERM/SIGINT; return the exit code."""
-    from service.app import Service
+    from zerotrain.service.app import Service
 
     stopping = threading.Event()
 
@@ -173,12 +173,12 @@ def serve(config: ServerConfig, *, keep_ray: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m service`` and ``zerotrain-serve``."""
+    """Entry point of ``python -m zerotrain.service`` and ``zerotrain-serve``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         argv.insert(0, "serve")  # `zerotrain-serve --flags` means `serve --flags`
     invoked = os.path.basename(sys.argv[0])
-    parser = build_parser(CONSOLE_SCRIPT if invoked == CONSOLE_SCRIPT else "python -m service")
+    parser = build_parser(CONSOLE_SCRIPT if invoked == CONSOLE_SCRIPT else "python -m zerotrain.service")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zerotrain: error: {exc}", file=sys.stderr)
         return 2
-    from service.datadir import StoreUnusable
+    from zerotrain.service.datadir import StoreUnusable
 
     try:
         return serve(config, keep_ray=keep_ray)

@@ -21,7 +21,7 @@ kind        what                                   limits
 The four totals are separate shares of the server's threads
 (:attr:`CallLimits.threads`), so streams can never take the threads unary
 calls and ingestion need, and unauthenticated callers can never take any of
-them. This module only counts; :mod:`service.gate` applies it to gRPC.
+them. This module only counts; :mod:`zerotrain.service.gate` applies it to gRPC.
 """
 
 from __future__ import annotations

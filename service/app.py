@@ -1,8 +1,8 @@
 """The whole service process: job store, Ray, job manager, metrics and gRPC servers.
 
 :class:`Service` assembles the pieces in the order they depend on each other
-and stops them in reverse; ``zerotrain-serve`` (:mod:`service.__main__`) and
-the demo run one. Building a gRPC server is :mod:`service.server`'s job.
+and stops them in reverse; ``zerotrain-serve`` (:mod:`zerotrain.service.__main__`) and
+the demo run one. Building a gRPC server is :mod:`zerotrain.service.server`'s job.
 """
 
 from __future__ import annotations
@@ -17,16 +17,21 @@ from typing import Any
 
 import grpc
 
-from service.admission import CallLimits
-from service.auth import Authenticator, TokenFileError
-from service.config import ServerConfig
-from service.datadir import load_or_create_secret, open_store, prepare_data_dir, warn_if_exposed
-from service.health_server import create_health_server
-from service.jobs import JobManager
-from service.local_ray import start_local_ray
-from service.metrics import ServiceMetrics
-from service.ray_jobs import RayJobs
-from service.server import (
+from zerotrain.service.admission import CallLimits
+from zerotrain.service.auth import Authenticator, TokenFileError
+from zerotrain.service.config import ServerConfig
+from zerotrain.service.datadir import (
+    load_or_create_secret,
+    open_store,
+    prepare_data_dir,
+    warn_if_exposed,
+)
+from zerotrain.service.health_server import create_health_server
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.local_ray import start_local_ray
+from zerotrain.service.metrics import ServiceMetrics
+from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.server import (
     TlsConfig,
     create_ingest_server,
     create_server,

@@ -20,7 +20,7 @@ Workers push metrics with a per-job ingest token, ``ingest_token(secret,
 job_id)``: an HMAC of the job id under a secret the service generates at start,
 so a leaked worker token only lets one job report for itself. They also send
 the job id as ``zerotrain-job-id`` metadata, so the token is checked when the
-call's headers arrive, before any request body (see :mod:`service.gate`).
+call's headers arrive, before any request body (see :mod:`zerotrain.service.gate`).
 """
 
 from __future__ import annotations

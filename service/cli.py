@@ -11,7 +11,7 @@
 
 Connection flags (``--address``, ``--token``, ``--ca``, ``--client-cert``,
 ``--client-key``, ``--config``) fall back to ``ZEROTRAIN_*`` variables and
-``~/.config/zerotrain/config.yaml`` (see :mod:`service.config`); the address
+``~/.config/zerotrain/config.yaml`` (see :mod:`zerotrain.service.config`); the address
 defaults to ``127.0.0.1:50051``.
 
 Exit codes: 0 success (``watch``: the job SUCCEEDED); 1 the job FAILED or was
@@ -35,14 +35,14 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.cli_views import job_json, print_job, print_list, watch_job
-from service.client import ApiError, JobClient
-from service.config import DEFAULT_ADDRESS, ConfigError
-from service.convert import message_to_json, state_name
-from service.display import STATE_STYLE, strip_ansi
-from service.errors import SpecError
-from service.spec import JobSpec, load_spec
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.cli_views import job_json, print_job, print_list, watch_job
+from zerotrain.service.client import ApiError, JobClient
+from zerotrain.service.config import DEFAULT_ADDRESS, ConfigError
+from zerotrain.service.convert import message_to_json, state_name
+from zerotrain.service.display import STATE_STYLE, strip_ansi
+from zerotrain.service.errors import SpecError
+from zerotrain.service.spec import JobSpec, load_spec
 
 __all__ = ["EXIT_CODES", "build_parser", "main", "watch_job"]
 
@@ -237,8 +237,8 @@ def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
 
 
 def _plot(client: JobClient, job_id: str, output: Path | None, console: Console) -> int:
-    from service.history import fetch_history
-    from service.plot import plot_history
+    from zerotrain.service.history import fetch_history
+    from zerotrain.service.plot import plot_history
 
     history = fetch_history(client, job_id)
     path = output or Path(f"{job_id}.png")
@@ -282,8 +282,8 @@ def _api_error(err: Console, exc: ApiError, client: JobClient) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trainctl``; returns the exit code (see the module docstring)."""
-    from service.history import NoMetrics
-    from service.plot import PlotUnavailable
+    from zerotrain.service.history import NoMetrics
+    from zerotrain.service.plot import PlotUnavailable
 
     args = build_parser().parse_args(argv)
     # soft_wrap: a long line stays one line in a pipe or file (the terminal wraps it).

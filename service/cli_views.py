@@ -1,8 +1,8 @@
 """What ``trainctl`` prints about jobs: the job table, the list, the live watch.
 
-:mod:`service.cli` parses the command and calls the server; this module turns
+:mod:`zerotrain.service.cli` parses the command and calls the server; this module turns
 the answers into text. The progress bar and the summary line themselves come
-from :mod:`service.display` (shared with a bare ``python -m service.runtime`` run).
+from :mod:`zerotrain.service.display` (shared with a bare ``python -m zerotrain.service.runtime`` run).
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.client import TERMINAL_STATES, JobClient
-from service.convert import message_to_json, metrics_from_proto, state_name
-from service.display import STATE_STYLE, job_progress, progress_fields, state_markup, summary_line
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.client import TERMINAL_STATES, JobClient
+from zerotrain.service.convert import message_to_json, metrics_from_proto, state_name
+from zerotrain.service.display import (
+    STATE_STYLE,
+    job_progress,
+    progress_fields,
+    state_markup,
+    summary_line,
+)
 
 __all__ = ["LIST_COLUMNS", "fit_columns", "job_json", "print_job", "print_list", "watch_job"]
 

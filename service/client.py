@@ -1,6 +1,6 @@
 """``JobClient``: the Python client of ``zerotrain.v1.JobService``.
 
-    from service.client import JobClient
+    from zerotrain.service.client import JobClient
 
     with JobClient("127.0.0.1:50051", token="...") as client:
         job = client.submit("examples/digits_nadam.yaml")
@@ -10,8 +10,8 @@
 
 Address, token and TLS files come from the arguments, else the environment
 (``ZEROTRAIN_ADDRESS``, ``ZEROTRAIN_TOKEN``, ``ZEROTRAIN_CA``, ...), else
-``~/.config/zerotrain/config.yaml`` (see :mod:`service.config`). Replies are
-the protobuf messages of ``service.api.zerotrain.v1.job_service_pb2``; failures
+``~/.config/zerotrain/config.yaml`` (see :mod:`zerotrain.service.config`). Replies are
+the protobuf messages of ``zerotrain.service.api.zerotrain.v1.job_service_pb2``; failures
 raise :class:`ApiError` with the status code, the server's message and, for
 invalid input, each bad field.
 """
@@ -29,11 +29,11 @@ from grpc_health.v1.health_pb2 import HealthCheckRequest
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from grpc_status import rpc_status
 
-from service import convert
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.config import ClientConfig, load_client_config
-from service.spec import JobSpec, load_spec
+from zerotrain.service import convert
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.config import ClientConfig, load_client_config
+from zerotrain.service.spec import JobSpec, load_spec
 
 __all__ = ["TERMINAL_STATES", "ApiError", "JobClient"]
 

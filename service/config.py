@@ -1,6 +1,6 @@
 """Configuration of the server (flags + environment) and of clients (flags, env, file).
 
-Server settings, each a ``python -m service serve`` flag with an environment
+Server settings, each a ``python -m zerotrain.service serve`` flag with an environment
 variable as its fallback (the flag wins):
 
 =========================  ==============================  ==========================
@@ -131,7 +131,7 @@ def env_flag(env: Mapping[str, str], name: str) -> bool:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``python -m service serve`` needs (see the module docstring)."""
+    """Everything ``python -m zerotrain.service serve`` needs (see the module docstring)."""
 
     address: str = DEFAULT_ADDRESS
     metrics_port: int = DEFAULT_METRICS_PORT

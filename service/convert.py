@@ -28,11 +28,11 @@ from typing import Any
 
 from google.protobuf import descriptor, json_format, message, timestamp_pb2
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.errors import SpecError
-from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
-from service.spec import JobSpec
-from service.spec_rules import is_number
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.errors import SpecError
+from zerotrain.service.model import CheckpointInfo, JobEvent, JobRecord, JobState
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.spec_rules import is_number
 
 __all__ = [
     "checkpoint_to_proto",

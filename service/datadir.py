@@ -24,8 +24,8 @@ import stat
 import time
 from pathlib import Path
 
-from service.auth import new_ingest_secret
-from service.store import JobStore
+from zerotrain.service.auth import new_ingest_secret
+from zerotrain.service.store import JobStore
 
 __all__ = [
     "STORE_FILE",

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.app import Service, ray_temp_dir
-from service.cli_views import watch_job
-from service.client import JobClient
-from service.config import ServerConfig
-from service.history import NoMetrics, fetch_history
-from service.plot import PlotUnavailable, plot_history
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.app import Service, ray_temp_dir
+from zerotrain.service.cli_views import watch_job
+from zerotrain.service.client import JobClient
+from zerotrain.service.config import ServerConfig
+from zerotrain.service.history import NoMetrics, fetch_history
+from zerotrain.service.plot import PlotUnavailable, plot_history
 
 __all__ = ["main"]
 
@@ -60,7 +60,7 @@ def _scrape(port: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit 0 when the job succeeded."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.demo", description=__doc__.splitlines()[0]
+        prog="python -m zerotrain.service.demo", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--spec", type=Path, default=DEFAULT_SPEC, help="job file (default: %(default)s)"

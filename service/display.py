@@ -1,7 +1,7 @@
 """What a person sees of a job: the progress bar, the summary line, plain text for pipes.
 
 ``trainctl submit --watch`` / ``trainctl watch`` and a bare ``python -m
-service.runtime`` run show the same progress bar (:func:`job_progress`, fed
+zerotrain.service.runtime`` run show the same progress bar (:func:`job_progress`, fed
 with :func:`progress_fields`) and end with the same summary
 (:func:`summary_line`). Everything here takes metrics-record dicts (see
 docs/ARCHITECTURE.md, "Metrics record"), never protobuf messages.

@@ -10,10 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from service.errors import InvalidArgument
-from service.job_writer import JobWriter
-from service.model import TERMINAL_STATES, JobEvent
-from service.ray_jobs import RayJobs
+from zerotrain.service.errors import InvalidArgument
+from zerotrain.service.job_writer import JobWriter
+from zerotrain.service.model import TERMINAL_STATES, JobEvent
+from zerotrain.service.ray_jobs import RayJobs
 
 __all__ = ["EventStreams"]
 
@@ -36,7 +36,7 @@ class EventStreams:
     def watch(
         self, job_id: str, from_sequence: int = 0, *, stop: threading.Event | None = None
     ) -> Iterator[JobEvent]:
-        """The job's events after ``from_sequence``; see :meth:`service.jobs.JobManager.watch`."""
+        """The job's events after ``from_sequence``; see :meth:`zerotrain.service.jobs.JobManager.watch`."""
         if (
             isinstance(from_sequence, bool)
             or not isinstance(from_sequence, int)
@@ -69,7 +69,7 @@ class EventStreams:
     def logs(
         self, job_id: str, *, follow: bool = False, stop: threading.Event | None = None
     ) -> Iterator[str]:
-        """The job's driver log lines; see :meth:`service.jobs.JobManager.logs`."""
+        """The job's driver log lines; see :meth:`zerotrain.service.jobs.JobManager.logs`."""
         self.store.get_job(job_id)
         return self._logs(job_id, follow, stop)
 

@@ -6,7 +6,7 @@ before any request message. It
 1. refuses a call without a valid token (``UNAUTHENTICATED``): health and
    reflection need none; ReportMetrics needs its job's ingest token for the job
    named by its ``zerotrain-job-id`` metadata (or an admin's token);
-2. counts the call in its budget (:mod:`service.admission`) and refuses it with
+2. counts the call in its budget (:mod:`zerotrain.service.admission`) and refuses it with
    ``RESOURCE_EXHAUSTED`` naming the limit when the budget is spent;
 3. releases the budget when the call ends, however it ends.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import grpc
 
-from service.admission import Admission, CallKind
-from service.auth import INGEST_METHOD, OPEN_SERVICE_PREFIXES, Authenticator
+from zerotrain.service.admission import Admission, CallKind
+from zerotrain.service.auth import INGEST_METHOD, OPEN_SERVICE_PREFIXES, Authenticator
 
 __all__ = ["UNAUTHENTICATED_MESSAGE", "GateInterceptor", "admitted", "refusal"]
 

@@ -1,6 +1,6 @@
 """Container health check: ask the server's ``grpc.health.v1.Health`` whether it is serving.
 
-    python -m service.health [--address HOST:PORT] [--service NAME] [--tls-ca PEM]
+    python -m zerotrain.service.health [--address HOST:PORT] [--service NAME] [--tls-ca PEM]
                              [--tls-server-name NAME] [--timeout S]
 
 Exits 0 when the server answers SERVING, 1 otherwise (with the reason on
@@ -56,7 +56,7 @@ def check(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.health", description=__doc__.splitlines()[0]
+        prog="python -m zerotrain.service.health", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--address",

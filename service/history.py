@@ -2,7 +2,7 @@
 
 :func:`fetch_history` reads the job and replays its stored events over
 ``WatchJob`` (from sequence 0); :func:`history_from_events` turns domain
-:class:`~service.model.JobEvent` values into a :class:`MetricsHistory`. The
+:class:`~zerotrain.service.model.JobEvent` values into a :class:`MetricsHistory`. The
 store keeps every state change but only a job's newest metrics events
 (``DEFAULT_MAX_METRICS_EVENTS``); event sequence numbers have no gaps
 otherwise, so a gap means older records were dropped.
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from service.model import JobEvent
+from zerotrain.service.model import JobEvent
 
 if TYPE_CHECKING:
-    from service.client import JobClient
+    from zerotrain.service.client import JobClient
 
 __all__ = ["MetricsHistory", "NoMetrics", "fetch_history", "history_from_events"]
 
@@ -68,11 +68,11 @@ def fetch_history(client: JobClient, job_id: str) -> MetricsHistory:
     the job.
 
     Raises:
-        service.client.ApiError: e.g. NOT_FOUND for an unknown job id.
+        zerotrain.service.client.ApiError: e.g. NOT_FOUND for an unknown job id.
         NoMetrics: the job has not reported any metrics yet.
     """
-    from service import convert
-    from service.client import TERMINAL_STATES
+    from zerotrain.service import convert
+    from zerotrain.service.client import TERMINAL_STATES
 
     job = client.get(job_id)
     state = convert.state_name(job.state)

@@ -1,12 +1,12 @@
 """``GrpcSink``: pushes a job's metrics records to the service's ReportMetrics rpc.
 
-The runtime's reporter (``service.runtime.reporter``) builds one from the
+The runtime's reporter (``zerotrain.service.runtime.reporter``) builds one from the
 environment the service gives each job::
 
     ZEROTRAIN_INGEST_ADDRESS   host:port of the service (required)
     ZEROTRAIN_JOB_ID           the job the records belong to (required)
     ZEROTRAIN_INGEST_TOKEN_FILE  a file holding the job's ingest token (what the
-                               service gives its jobs: see service.ingest_token)
+                               service gives its jobs: see zerotrain.service.ingest_token)
     ZEROTRAIN_INGEST_TOKEN     the token itself (manual runs; never set by the
                                service, since Ray logs a job's environment)
     ZEROTRAIN_INGEST_CA        PEM file of the CA that signed the service's
@@ -29,11 +29,11 @@ from typing import Any
 
 import grpc
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import JOB_ID_METADATA
-from service.convert import metrics_to_proto
-from service.ingest_token import ENV_TOKEN_FILE, read_token_file
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import JOB_ID_METADATA
+from zerotrain.service.convert import metrics_to_proto
+from zerotrain.service.ingest_token import ENV_TOKEN_FILE, read_token_file
 
 __all__ = ["ENV_ADDRESS", "ENV_CA", "ENV_JOB_ID", "ENV_TOKEN", "GrpcSink", "IngestError"]
 

@@ -1,7 +1,7 @@
 """Ingestion: a worker's metrics record, checked, stored and exported.
 
 :class:`Ingestion` is what the ``ReportMetrics`` rpc reaches through the job
-manager. It validates the record (:mod:`service.records`), moves a PENDING
+manager. It validates the record (:mod:`zerotrain.service.records`), moves a PENDING
 job to RUNNING on its first record and records a restart when the attempt
 grows, stores the record through the :class:`JobWriter`, and hands it to the
 Prometheus exporter.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from service.job_writer import JobWriter
-from service.model import TERMINAL_STATES, JobState
-from service.records import check_late_record, check_record
+from zerotrain.service.job_writer import JobWriter
+from zerotrain.service.model import TERMINAL_STATES, JobState
+from zerotrain.service.records import check_late_record, check_record
 
 __all__ = ["Ingestion"]
 
@@ -45,7 +45,7 @@ class Ingestion:
         self._export = export
 
     def ingest(self, job_id: str, record: dict) -> None:
-        """Take a metrics record; see :meth:`service.jobs.JobManager.ingest`."""
+        """Take a metrics record; see :meth:`zerotrain.service.jobs.JobManager.ingest`."""
         attempt, checkpoint = check_record(job_id, record, run_dir=self.writer.run_dir(job_id))
         now = self.writer.clock()
         with self.writer.lock:

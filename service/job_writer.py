@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from service.ingest_token import remove_token_file
-from service.model import TERMINAL_STATES, CheckpointInfo, JobRecord, JobState
-from service.runtime.staging import STAGING_DIR
-from service.store import JobStore
+from zerotrain.service.ingest_token import remove_token_file
+from zerotrain.service.model import TERMINAL_STATES, CheckpointInfo, JobRecord, JobState
+from zerotrain.service.runtime.staging import STAGING_DIR
+from zerotrain.service.store import JobStore
 
 __all__ = ["ACTIVE", "MAX_REASON_CHARS", "UNFINISHED", "JobWriter", "truncate"]
 

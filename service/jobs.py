@@ -23,12 +23,12 @@ States::
 
 The manager is a facade over small pieces, each readable alone:
 
-* :mod:`service.job_writer`: the only writer of the job store (creation,
+* :mod:`zerotrain.service.job_writer`: the only writer of the job store (creation,
   compare-and-set transitions, metrics), with the terminal-state hooks;
-* :mod:`service.submission`: submit (checks, run files, Ray submission) and cancel;
-* :mod:`service.reconciler`: polls Ray and records what happened to each job;
-* :mod:`service.ingestion`: metrics records from the workers;
-* :mod:`service.event_streams`: ``watch`` and ``logs`` (read-only).
+* :mod:`zerotrain.service.submission`: submit (checks, run files, Ray submission) and cancel;
+* :mod:`zerotrain.service.reconciler`: polls Ray and records what happened to each job;
+* :mod:`zerotrain.service.ingestion`: metrics records from the workers;
+* :mod:`zerotrain.service.event_streams`: ``watch`` and ``logs`` (read-only).
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.event_streams import EventStreams
-from service.ingestion import Ingestion
-from service.job_writer import JobWriter
-from service.model import JobEvent, JobRecord, JobState
-from service.ray_jobs import RayJobs, runtime_entrypoint
-from service.reconciler import Reconciler
-from service.spec import JobSpec
-from service.store import JobStore
-from service.submission import EntrypointFactory, Submissions
+from zerotrain.service.event_streams import EventStreams
+from zerotrain.service.ingestion import Ingestion
+from zerotrain.service.job_writer import JobWriter
+from zerotrain.service.model import JobEvent, JobRecord, JobState
+from zerotrain.service.ray_jobs import RayJobs, runtime_entrypoint
+from zerotrain.service.reconciler import Reconciler
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.store import JobStore
+from zerotrain.service.submission import EntrypointFactory, Submissions
 
 if TYPE_CHECKING:
-    from service.metrics import ServiceMetrics
+    from zerotrain.service.metrics import ServiceMetrics
 
 __all__ = ["JobManager"]
 
@@ -210,7 +210,7 @@ class JobManager:
         return self._submissions.submit(spec, owner=owner, idempotency_key=idempotency_key)
 
     def get(self, job_id: str) -> JobRecord:
-        """The job's record; raises :class:`~service.errors.JobNotFound`."""
+        """The job's record; raises :class:`~zerotrain.service.errors.JobNotFound`."""
         return self.store.get_job(job_id)
 
     def list(
@@ -274,7 +274,7 @@ class JobManager:
         record for a PENDING job moves it to RUNNING; a higher attempt adds a
         state event for the restart. After the job's terminal event only the
         ending attempt's own records are taken, for ``metrics_grace_s``
-        (:func:`service.records.check_late_record`); they update the job but
+        (:func:`zerotrain.service.records.check_late_record`); they update the job but
         add no event.
 
         Raises:

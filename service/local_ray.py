@@ -14,7 +14,7 @@ world-writable and its logs world-readable. Our files in it are opened without
 following symlinks.
 
 A head started here always runs with ``RAY_AUTH_MODE=token`` and a generated
-token (see :mod:`service.ray_jobs` for how clients pass it).
+token (see :mod:`zerotrain.service.ray_jobs` for how clients pass it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from service.ray_jobs import RayJobs
+from zerotrain.service.ray_jobs import RayJobs
 
 __all__ = ["LocalRay", "free_port", "start_local_ray"]
 

@@ -3,7 +3,7 @@
 A worker's metrics record (the "Metrics record" contract in
 docs/ARCHITECTURE.md) becomes one :class:`JobSeries` per job
 (:meth:`JobSeries.apply`); at scrape time :class:`TrainingCollector` turns
-every job's series into Prometheus families. :mod:`service.metrics` owns the
+every job's series into Prometheus families. :mod:`zerotrain.service.metrics` owns the
 registry, the locking, the retention and the HTTP exporter.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.records import PHASES
-from service.spec_rules import is_number
+from zerotrain.service.records import PHASES
+from zerotrain.service.spec_rules import is_number
 
 __all__ = [
     "NUMBER_FIELDS",

@@ -20,7 +20,7 @@ training series of a job are dropped ``retention_s`` seconds after
 series set per job forever.
 
 This module is the exporter (registry, service series, retention, HTTP
-endpoint, the rpc interceptor); :mod:`service.metric_families` says how a
+endpoint, the rpc interceptor); :mod:`zerotrain.service.metric_families` says how a
 record becomes the training families.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from service.metric_families import JobSeries, TrainingCollector, validate_record
+from zerotrain.service.metric_families import JobSeries, TrainingCollector, validate_record
 
 __all__ = [
     "RPC_LATENCY_BUCKETS",

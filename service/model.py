@@ -3,7 +3,7 @@
 These are plain values. The store persists them, the job manager changes
 them, the converters turn them into protobuf messages; none of that lives
 here. This module imports nothing of the service at run time (the
-:class:`~service.spec.JobSpec` annotation is for type checkers only).
+:class:`~zerotrain.service.spec.JobSpec` annotation is for type checkers only).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.spec import JobSpec
+    from zerotrain.service.spec import JobSpec
 
 __all__ = [
     "TERMINAL_STATES",

@@ -20,7 +20,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from service.history import MetricsHistory
+from zerotrain.service.history import MetricsHistory
 
 __all__ = ["PlotUnavailable", "plot_history"]
 

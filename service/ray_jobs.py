@@ -8,7 +8,7 @@ Ray token auth: clients pass the token as ``Authorization: Bearer <token>``;
 for an existing cluster, :class:`RayJobs` takes the token from its ``token``
 argument, else from ``RAY_AUTH_TOKEN`` or the file named by
 ``RAY_AUTH_TOKEN_PATH`` (Ray's own conventions), else sends none. A head
-started by :func:`service.local_ray.start_local_ray` always runs with a token.
+started by :func:`zerotrain.service.local_ray.start_local_ray` always runs with a token.
 """
 
 from __future__ import annotations
@@ -65,14 +65,23 @@ def runtime_entrypoint(
     where ``ps`` and Ray's logs would show it. ``--machine``: the job's log keeps
     Ray's output and the metrics lines as they come, for ``trainctl logs`` and
     for the failure reason read from it.
+
+    The job runs in its run directory (the spec's), with ``python -P``: Ray puts
+    a driver's working directory on its workers' ``sys.path``, and a checkout's
+    root there would make ``optim`` importable beside ``zerotrain.optim``, two
+    copies of every class.
     """
+    spec_path = Path(spec_path).resolve()
+    if "://" not in str(storage):
+        storage = Path(storage).resolve()
     parts = [
-        sys.executable, "-m", "service.runtime", "--machine", "--spec", str(spec_path),
-        "--job-id", job_id, "--storage", str(storage),
+        sys.executable, "-P", "-m", "zerotrain.service.runtime", "--machine",
+        "--spec", str(spec_path), "--job-id", job_id, "--storage", str(storage),
     ]  # fmt: skip
     if allow_custom_tasks:
         parts.append("--allow-custom-tasks")
-    return " ".join(shlex.quote(part) for part in parts)
+    command = " ".join(shlex.quote(part) for part in parts)
+    return f"cd {shlex.quote(str(spec_path.parent))} && exec {command}"
 
 
 def _resolve_token(token: str | None) -> str | None:

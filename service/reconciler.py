@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from service.job_writer import ACTIVE, UNFINISHED, JobWriter, truncate
-from service.model import JobRecord, JobState
-from service.ray_jobs import RayJobInfo, RayJobs
-from service.submission import Submissions
+from zerotrain.service.job_writer import ACTIVE, UNFINISHED, JobWriter, truncate
+from zerotrain.service.model import JobRecord, JobState
+from zerotrain.service.ray_jobs import RayJobInfo, RayJobs
+from zerotrain.service.submission import Submissions
 
 __all__ = ["ERROR_MARKER", "NO_METRICS_WARNING", "Reconciler"]
 

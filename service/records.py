@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.errors import InvalidArgument, RecordRefused
-from service.model import CheckpointInfo, JobRecord
+from zerotrain.service.errors import InvalidArgument, RecordRefused
+from zerotrain.service.model import CheckpointInfo, JobRecord
 
 __all__ = [
     "MAX_KEYS",

@@ -23,7 +23,7 @@ __all__ = [
 SEED_MODULUS = 2**63 - 1
 """Derived seeds lie in ``[0, SEED_MODULUS)``: non-negative and inside int64."""
 INIT_STREAM = 1
-"""Stream of model initialisation (``service.tasks``)."""
+"""Stream of model initialisation (``zerotrain.service.tasks``)."""
 DATA_STREAM = 1_000
 """First stream of the data order: epoch ``e`` uses ``DATA_STREAM + e``."""
 _MULTIPLIER = 1_000_003

@@ -1,15 +1,15 @@
 """Build the gRPC server: JobService, health, reflection, auth, metrics, TLS.
 
-The process that runs one with everything behind it is :class:`service.app.Service`.
+The process that runs one with everything behind it is :class:`zerotrain.service.app.Service`.
 
 ``create_server(address, manager, auth=...)`` returns a started server and the
 port it bound, so tests pass ``127.0.0.1:0`` and read the port back. Health
 (``grpc.health.v1.Health``) and reflection need no token, so ``grpc_health_probe``
 and ``grpcurl`` work against it; probes use the separate health port
-(:mod:`service.health_server`), which no API traffic can starve.
+(:mod:`zerotrain.service.health_server`), which no API traffic can starve.
 
 Every call is authenticated and admitted within its budget when its headers
-arrive (:mod:`service.gate`, :mod:`service.admission`), and one connection may
+arrive (:mod:`zerotrain.service.gate`, :mod:`zerotrain.service.admission`), and one connection may
 open at most :data:`MAX_STREAMS_PER_CONNECTION` HTTP/2 streams at a time.
 """
 
@@ -27,13 +27,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.admission import Admission, CallLimits
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator
-from service.gate import GateInterceptor
-from service.health_server import status_of
-from service.servicer import JobServicer
+from zerotrain.service.admission import Admission, CallLimits
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import Authenticator
+from zerotrain.service.gate import GateInterceptor
+from zerotrain.service.health_server import status_of
+from zerotrain.service.servicer import JobServicer
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_BYTES",
@@ -129,11 +129,11 @@ def create_server(
 ) -> tuple[grpc.Server, int]:
     """Build, bind and start the server; return ``(server, bound_port)``.
 
-    ``manager`` is a :class:`service.jobs.JobManager`; ``metrics`` an optional
-    :class:`service.metrics.ServiceMetrics` (every rpc counted and timed).
+    ``manager`` is a :class:`zerotrain.service.jobs.JobManager`; ``metrics`` an optional
+    :class:`zerotrain.service.metrics.ServiceMetrics` (every rpc counted and timed).
     Every rpc holds a server thread while in flight (a stream for as long as it
     is open); ``limits`` shares the threads out per kind of call and per
-    principal (:mod:`service.admission`). With authentication disabled the
+    principal (:mod:`zerotrain.service.admission`). With authentication disabled the
     address must be loopback. Stop it with :func:`stop_server`.
     """
     if not auth.enabled and not is_loopback(address):
@@ -143,7 +143,9 @@ def create_server(
         )
     interceptors: list[grpc.ServerInterceptor] = []
     if metrics is not None:
-        from service.metrics import MetricsInterceptor  # prometheus only when metrics are on
+        from zerotrain.service.metrics import (
+            MetricsInterceptor,  # prometheus only when metrics are on
+        )
 
         interceptors.append(MetricsInterceptor(metrics))
     admission = Admission(limits)
@@ -214,7 +216,7 @@ def create_ingest_server(
     )
     interceptors: list[grpc.ServerInterceptor] = []
     if metrics is not None:
-        from service.metrics import MetricsInterceptor
+        from zerotrain.service.metrics import MetricsInterceptor
 
         interceptors.append(MetricsInterceptor(metrics))
     admission = Admission(limits)

@@ -1,9 +1,9 @@
 """The ``zerotrain.v1.JobService`` servicer: convert, call the job manager, reply.
 
-Each rpc authenticates the caller (the :class:`~service.gate.GateInterceptor`
+Each rpc authenticates the caller (the :class:`~zerotrain.service.gate.GateInterceptor`
 has already refused unknown tokens), converts the request with
-:mod:`service.convert`, checks ownership (a principal may only see and cancel
-its own jobs, an admin all), calls :class:`service.jobs.JobManager` and builds
+:mod:`zerotrain.service.convert`, checks ownership (a principal may only see and cancel
+its own jobs, an admin all), calls :class:`zerotrain.service.jobs.JobManager` and builds
 the reply. Domain errors become statuses:
 
 =====================  ===================  ==========================================
@@ -37,11 +37,11 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service import convert
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, Principal
-from service.errors import (
+from zerotrain.service import convert
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import Authenticator, Principal
+from zerotrain.service.errors import (
     AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
@@ -65,7 +65,7 @@ _T = TypeVar("_T")
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
-    """Thin gRPC front of a :class:`service.jobs.JobManager`."""
+    """Thin gRPC front of a :class:`zerotrain.service.jobs.JobManager`."""
 
     def __init__(self, manager: Any, auth: Authenticator) -> None:
         self._manager = manager

@@ -10,7 +10,7 @@ reported at once::
 
 Sections are frozen, keyword-only dataclasses; each field's docstring says what
 it means, its ``metadata["rule"]`` says what values are allowed (the rule
-combinators live in :mod:`service.spec_rules`). Constructing a section
+combinators live in :mod:`zerotrain.service.spec_rules`). Constructing a section
 directly runs the same checks (``SpecError`` on a bad value).
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from service.errors import SpecError
-from service.spec_rules import (
+from zerotrain.service.errors import SpecError
+from zerotrain.service.spec_rules import (
     Section,
     boolean,
     choice,
@@ -38,7 +38,7 @@ from service.spec_rules import (
     spec_field,
     text,
 )
-from service.tasks.registry import (
+from zerotrain.service.tasks.registry import (
     CUSTOM_TASK_PATTERN,
     TASK_NAME_PATTERN,
     get_task,

@@ -4,8 +4,8 @@ A *rule* takes ``(path, value)`` and returns ``(normalised value, error or
 None)``; the error reads ``"<path>: <what is allowed>, got <value>"``. A
 :class:`Section` is a frozen dataclass whose fields carry a rule in
 ``metadata["rule"]``: constructing one runs every rule and the section's
-cross-field checks, and raises :class:`~service.errors.SpecError` listing
-every problem at once. :mod:`service.spec` builds the job spec's schema from
+cross-field checks, and raises :class:`~zerotrain.service.errors.SpecError` listing
+every problem at once. :mod:`zerotrain.service.spec` builds the job spec's schema from
 these pieces.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, field, fields
 from typing import Any
 
-from service.errors import SpecError
+from zerotrain.service.errors import SpecError
 
 __all__ = [
     "CONTROL_CHARACTERS",

@@ -3,11 +3,11 @@
 Each writing method is one transaction, so a job row and the event that
 describes its change are written together or not at all; reads never wait
 for a writer. The SQLite plumbing (WAL, ``synchronous=NORMAL`` and why, the
-per-thread readers) lives in :mod:`service.sqlite_db`.
+per-thread readers) lives in :mod:`zerotrain.service.sqlite_db`.
 
 The store knows records, not Ray and not protobuf. It persists the domain
-types of :mod:`service.model`; it does not define them. The schema and the
-row mapping live in :mod:`service.store_rows`.
+types of :mod:`zerotrain.service.model`; it does not define them. The schema and the
+row mapping live in :mod:`zerotrain.service.store_rows`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from service.errors import InvalidArgument, JobNotFound
-from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
-from service.sqlite_db import Database
-from service.store_rows import (
+from zerotrain.service.errors import InvalidArgument, JobNotFound
+from zerotrain.service.model import CheckpointInfo, JobEvent, JobRecord, JobState
+from zerotrain.service.sqlite_db import Database
+from zerotrain.service.store_rows import (
     JOB_COLUMNS,
     SCHEMA,
     UPDATABLE,

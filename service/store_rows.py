@@ -1,8 +1,8 @@
 """The job store's SQL schema, and the mapping between its rows and the domain types.
 
-:mod:`service.store` runs the transactions; this module says what the tables
-look like and how a :class:`~service.model.JobRecord` or
-:class:`~service.model.JobEvent` becomes a row and back (JSON columns,
+:mod:`zerotrain.service.store` runs the transactions; this module says what the tables
+look like and how a :class:`~zerotrain.service.model.JobRecord` or
+:class:`~zerotrain.service.model.JobEvent` becomes a row and back (JSON columns,
 non-finite floats, page tokens).
 """
 
@@ -17,9 +17,9 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
-from service.errors import InvalidArgument
-from service.model import CheckpointInfo, JobEvent, JobRecord, JobState
-from service.spec import JobSpec
+from zerotrain.service.errors import InvalidArgument
+from zerotrain.service.model import CheckpointInfo, JobEvent, JobRecord, JobState
+from zerotrain.service.spec import JobSpec
 
 __all__ = [
     "JOB_COLUMNS",

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from service.errors import (
+from zerotrain.service.errors import (
     AlreadyExists,
     ClusterUnavailable,
     InvalidArgument,
@@ -24,12 +24,12 @@ from service.errors import (
     SpecError,
     Unschedulable,
 )
-from service.ingest_token import ENV_TOKEN_FILE, write_token_file
-from service.job_writer import ACTIVE, JobWriter, truncate
-from service.model import TERMINAL_STATES, JobRecord, JobState
-from service.ray_jobs import RayJobs
-from service.spec import JobSpec, save_spec
-from service.tasks.registry import is_custom_task
+from zerotrain.service.ingest_token import ENV_TOKEN_FILE, write_token_file
+from zerotrain.service.job_writer import ACTIVE, JobWriter, truncate
+from zerotrain.service.model import TERMINAL_STATES, JobRecord, JobState
+from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.spec import JobSpec, save_spec
+from zerotrain.service.tasks.registry import is_custom_task
 
 __all__ = ["MAX_IDEMPOTENCY_KEY_CHARS", "SPEC_FILE", "EntrypointFactory", "Submissions"]
 
@@ -89,7 +89,7 @@ class Submissions:
         self._submitting: set[str] = set()
 
     def submit(self, spec: JobSpec, *, owner: str, idempotency_key: str | None = None) -> JobRecord:
-        """Accept a job and submit it to Ray; see :meth:`service.jobs.JobManager.submit`."""
+        """Accept a job and submit it to Ray; see :meth:`zerotrain.service.jobs.JobManager.submit`."""
         if not isinstance(owner, str) or not owner:
             raise InvalidArgument("owner: must be a non-empty string")
         if idempotency_key is not None:
@@ -143,7 +143,7 @@ class Submissions:
         return self.store.get_job(record.job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Stop a job; see :meth:`service.jobs.JobManager.cancel`."""
+        """Stop a job; see :meth:`zerotrain.service.jobs.JobManager.cancel`."""
         with self.writer.lock:
             record = self.store.get_job(job_id)
             if record.state in TERMINAL_STATES:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.local_ray import LocalRay, start_local_ray
+from zerotrain.service.local_ray import LocalRay, start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def ray_head() -> Iterator[LocalRay]:
     temp_dir = root / "h"  # created by start_local_ray itself (private, 0700)
     previous = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_TOKEN_PATH")}
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "tests" / "reliability"), str(ROOT), previous["PYTHONPATH"]) if p
+        p for p in (str(ROOT / "tests" / "reliability"), previous["PYTHONPATH"]) if p
     )
     head = start_local_ray(temp_dir, num_cpus=2)
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(temp_dir / "auth_token")

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from optim import functional
-from optim.adamax import Adamax
-from optim.nadam import Nadam
+from zerotrain.optim import functional
+from zerotrain.optim.adamax import Adamax
+from zerotrain.optim.nadam import Nadam
 
 __all__ = ["Algorithm", "resolve_algorithm"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from optim.zero.shard import ShardedState
+from zerotrain.optim.zero.shard import ShardedState
 
 __all__ = ["CheckpointError", "load", "restore_hyperparams", "save", "saved_hyperparams"]
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from optim.zero.comm import Communicator
-from optim.zero.layout import Layout
+from zerotrain.optim.zero.comm import Communicator
+from zerotrain.optim.zero.layout import Layout
 
 __all__ = ["GradientReducer"]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from optim import _common, functional
-from optim.zero.algorithms import Algorithm
-from optim.zero.comm import Communicator
-from optim.zero.layout import Bucket, Layout
+from zerotrain.optim import _common, functional
+from zerotrain.optim.zero.algorithms import Algorithm
+from zerotrain.optim.zero.comm import Communicator
+from zerotrain.optim.zero.layout import Bucket, Layout
 
 __all__ = ["Run", "ShardedState"]
 

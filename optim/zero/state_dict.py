@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from optim.zero.checkpoint import restore_hyperparams
-from optim.zero.shard import ShardedState
+from zerotrain.optim.zero.checkpoint import restore_hyperparams
+from zerotrain.optim.zero.shard import ShardedState
 
 __all__ = ["consolidated_state_dict", "load_consolidated_state_dict"]
 

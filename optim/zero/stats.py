@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from optim import functional
-from optim.zero.comm import Communicator
-from optim.zero.shard import Run, ShardedState
+from zerotrain.optim import functional
+from zerotrain.optim.zero.comm import Communicator
+from zerotrain.optim.zero.shard import Run, ShardedState
 
 __all__ = ["UpdateTracker", "compute_stats"]
 

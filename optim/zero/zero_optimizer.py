@@ -26,16 +26,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from optim import _common, functional
-from optim.nadam import Nadam
-from optim.zero import checkpoint, state_dict
-from optim.zero.algorithms import Algorithm, resolve_algorithm
-from optim.zero.comm import Communicator
-from optim.zero.layout import Layout, layout_for
-from optim.zero.reducer import GradientReducer
-from optim.zero.shard import ShardedState
-from optim.zero.stats import UpdateTracker, compute_stats
-from optim.zero.timing import StepClock
+from zerotrain.optim import _common, functional
+from zerotrain.optim.nadam import Nadam
+from zerotrain.optim.zero import checkpoint, state_dict
+from zerotrain.optim.zero.algorithms import Algorithm, resolve_algorithm
+from zerotrain.optim.zero.comm import Communicator
+from zerotrain.optim.zero.layout import Layout, layout_for
+from zerotrain.optim.zero.reducer import GradientReducer
+from zerotrain.optim.zero.shard import ShardedState
+from zerotrain.optim.zero.stats import UpdateTracker, compute_stats
+from zerotrain.optim.zero.timing import StepClock
 
 __all__ = ["ZeroOptimizer"]
 
@@ -182,7 +182,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``communication`` (blocked on collectives), ``optimizer`` (averaging,
         norm, clipping, the shard update), ``compile`` (building fused kernels;
         only on steps that did) and ``step`` (their sum, the wall time of
-        ``step()`` without the closure); see ``optim.zero.timing``.
+        ``step()`` without the closure); see ``zerotrain.optim.zero.timing``.
         """
         return self._clock.last()
 
@@ -328,7 +328,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         Keys: ``step``, ``lr``, ``grad_norm``, ``param_norm``, ``update_norm``,
         ``update_param_ratio``, ``state_bytes_per_rank``, ``skipped_steps``, and
-        Adamax's ``adamax_u_*`` or Nadam's ``nadam_*`` keys (``optim.zero.stats``).
+        Adamax's ``adamax_u_*`` or Nadam's ``nadam_*`` keys (``zerotrain.optim.zero.stats``).
         The update keys are NaN unless the last step was tracked.
         """
         return compute_stats(self.shard, self.param_groups, self.comm, grad_norm=self._grad_norm,
@@ -345,7 +345,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def load_checkpoint(self, directory: str) -> None:
         """Load a checkpoint saved at any world size (collective).
 
-        Raises ``optim.zero.CheckpointError`` for a missing, torn or corrupted file.
+        Raises ``zerotrain.optim.zero.CheckpointError`` for a missing, torn or corrupted file.
         """
         self._skipped_steps = checkpoint.load(self.shard, self.param_groups, directory)
         self._version += 1

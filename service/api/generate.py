@@ -1,13 +1,14 @@
 """Generate the Python protobuf/gRPC code from ``protos/`` (``make generate``).
 
-``python -m service.api.generate`` compiles every ``protos/zerotrain/v1/*.proto``
+``python -m zerotrain.service.api.generate`` compiles every ``protos/zerotrain/v1/*.proto``
 with grpcio-tools into ``service/api/zerotrain/v1/``. The include path maps the
-virtual prefix ``service/api`` onto ``protos/``, so protoc sees each file as
-``service/api/zerotrain/v1/<name>.proto`` and writes package-absolute imports
-(``from service.api.zerotrain.v1 import job_service_pb2``): no ``sys.path``
+virtual prefix ``zerotrain/service/api`` (the installed package's path) onto
+``protos/``, so protoc sees each file as
+``zerotrain/service/api/zerotrain/v1/<name>.proto`` and writes package-absolute imports
+(``from zerotrain.service.api.zerotrain.v1 import job_service_pb2``): no ``sys.path``
 tricks and no post-processing of the generated files.
 
-``python -m service.api.generate --check`` regenerates into a temporary
+``python -m zerotrain.service.api.generate --check`` regenerates into a temporary
 directory and exits 1 if the committed files differ (the drift check).
 """
 
@@ -25,8 +26,8 @@ __all__ = ["PACKAGE_DIR", "PROTO_DIR", "drifted_files", "generate", "main"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO_ROOT / "protos" / "zerotrain" / "v1"
 PACKAGE_DIR = REPO_ROOT / "service" / "api" / "zerotrain" / "v1"
-# Virtual include prefix: protoc's file names become service/api/zerotrain/v1/*.proto.
-_VIRTUAL_PREFIX = "service/api"
+# Virtual include prefix: protoc's file names become zerotrain/service/api/zerotrain/v1/*.proto.
+_VIRTUAL_PREFIX = "zerotrain/service/api"
 _GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
@@ -38,7 +39,7 @@ def _proto_files() -> list[Path]:
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Compile the protos into ``out_root/service/api/zerotrain/v1``.
+    """Compile the protos into ``out_root/zerotrain/service/api/zerotrain/v1``.
 
     Returns the generated files. Raises ``RuntimeError`` with protoc's exit code
     when compilation fails.
@@ -128,7 +129,7 @@ def _install(package_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: generate, or ``--check`` for drift."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.api.generate", description=__doc__.splitlines()[0]
+        prog="python -m zerotrain.service.api.generate", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the committed code is out of date"

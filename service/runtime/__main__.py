@@ -1,7 +1,7 @@
-"""``python -m service.runtime``: run one job on the current Ray cluster (or a local one).
+"""``python -m zerotrain.service.runtime``: run one job on the current Ray cluster (or a local one).
 
-    python -m service.runtime --spec job.yaml [--job-id ID] [--storage PATH_OR_URI] [--verbose]
-    python -m service.runtime --spec-json '{"name": ..., "task": ...}' [--allow-custom-tasks]
+    python -m zerotrain.service.runtime --spec job.yaml [--job-id ID] [--storage PATH_OR_URI] [--verbose]
+    python -m zerotrain.service.runtime --spec-json '{"name": ..., "task": ...}' [--allow-custom-tasks]
 
 A person sees what ``trainctl submit --watch`` shows: a progress bar, then a
 summary (loss, accuracy, throughput, where the checkpoint is). Everything Ray
@@ -24,8 +24,8 @@ import time
 import uuid
 from typing import Any
 
-from service.errors import SpecError
-from service.spec import JobSpec, load_spec
+from zerotrain.service.errors import SpecError
+from zerotrain.service.spec import JobSpec, load_spec
 
 __all__ = ["main"]
 
@@ -35,7 +35,7 @@ RESULT_PREFIX = "ZEROTRAIN_RESULT "
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.runtime", description=__doc__.split("\n")[0]
+        prog="python -m zerotrain.service.runtime", description=__doc__.split("\n")[0]
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="job spec file (YAML or JSON)")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), 2)
     job_id = args.job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-    from service.runtime.trainer import check_job
+    from zerotrain.service.runtime.trainer import check_job
 
     try:
         check_job(spec, job_id=job_id, allow_custom_tasks=args.allow_custom_tasks)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(spec: JobSpec, job_id: str, args: argparse.Namespace) -> Any:
     """Connect to Ray and run the job; returns the ``ray.train.Result``."""
-    from service.runtime.trainer import run_job
+    from zerotrain.service.runtime.trainer import run_job
 
     _connect_ray()
     return run_job(
@@ -142,7 +142,7 @@ def _error(job_id: str, result: Any, failure: Exception | None) -> tuple[str, in
 
 
 def _run_for_programs(spec: JobSpec, job_id: str, args: argparse.Namespace) -> int:
-    from service.runtime.trainer import run_directory
+    from zerotrain.service.runtime.trainer import run_directory
 
     result: Any = None
     failure: Exception | None = None
@@ -166,9 +166,9 @@ def _run_for_programs(spec: JobSpec, job_id: str, args: argparse.Namespace) -> i
 def _run_for_a_person(spec: JobSpec, job_id: str, args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from service.runtime.capture import OutputCapture, terminal
-    from service.runtime.console import RunOutcome, RunView
-    from service.runtime.trainer import local_run_directory, run_directory
+    from zerotrain.service.runtime.capture import OutputCapture, terminal
+    from zerotrain.service.runtime.console import RunOutcome, RunView
+    from zerotrain.service.runtime.trainer import local_run_directory, run_directory
 
     log_path = local_run_directory(args.storage, job_id) / "ray.log"
     try:

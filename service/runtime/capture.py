@@ -1,6 +1,6 @@
 """Capture everything this process writes to stdout and stderr, line by line, into a file.
 
-A bare ``python -m service.runtime`` run talks to a person; Ray writes its
+A bare ``python -m zerotrain.service.runtime`` run talks to a person; Ray writes its
 own chatter to the same terminal: Python logging, the output its actors
 forward to the driver, and C++ log lines written straight to file
 descriptor 2. :class:`OutputCapture` points file descriptors 1 and 2 at a
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from service.display import strip_ansi
+from zerotrain.service.display import strip_ansi
 
 __all__ = ["OutputCapture", "terminal"]
 

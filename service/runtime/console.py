@@ -1,7 +1,7 @@
-"""What a person sees of a bare ``python -m service.runtime`` run.
+"""What a person sees of a bare ``python -m zerotrain.service.runtime`` run.
 
 The same progress bar and summary as ``trainctl submit --watch``
-(:mod:`service.display`), fed by the ``ZEROTRAIN_METRICS`` lines that Ray
+(:mod:`zerotrain.service.display`), fed by the ``ZEROTRAIN_METRICS`` lines that Ray
 forwards from rank 0 to this driver. Everything Ray prints goes to the run's
 log file instead (``ray.log`` in the run directory); ``--verbose`` also shows
 it above the bar. The machine-readable lines stay in the log file only.
@@ -19,9 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from service.display import job_progress, progress_fields, summary_line
-from service.runtime.reporter import METRICS_PREFIX
-from service.spec import JobSpec
+from zerotrain.service.display import job_progress, progress_fields, summary_line
+from zerotrain.service.runtime.reporter import METRICS_PREFIX
+from zerotrain.service.spec import JobSpec
 
 __all__ = ["RunOutcome", "RunView"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from service.seeds import epoch_seed
+from zerotrain.service.seeds import epoch_seed
 
 __all__ = ["SampleStream"]
 

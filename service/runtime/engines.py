@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.spec import JobSpec
+from zerotrain.service.spec import JobSpec
 
 __all__ = [
     "DeepSpeedEngine",
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 def optimizer_class(algorithm: str) -> type[torch.optim.Optimizer]:
     """``optim.Adamax`` or ``optim.Nadam`` for a spec's ``optimizer.algorithm``."""
-    from optim import Adamax, Nadam
+    from zerotrain.optim import Adamax, Nadam
 
     return {"adamax": Adamax, "nadam": Nadam}[algorithm]
 
@@ -115,8 +115,8 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(self, model: nn.Module, spec: JobSpec):
-        from optim.functional import compile_available
-        from optim.zero import ZeroOptimizer
+        from zerotrain.optim.functional import compile_available
+        from zerotrain.optim.zero import ZeroOptimizer
 
         self.model = self.module = model
         self.accum = spec.training.grad_accum_steps

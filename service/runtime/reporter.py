@@ -246,7 +246,9 @@ def make_reporter(
     address, job_id = env.get("ZEROTRAIN_INGEST_ADDRESS"), env.get("ZEROTRAIN_JOB_ID")
     if address and job_id:
         try:
-            from service.ingest_client import GrpcSink  # lazy: gRPC only when a service is used
+            from zerotrain.service.ingest_client import (
+                GrpcSink,  # lazy: gRPC only when a service is used
+            )
 
             sink = GrpcSink.from_env(env)
             assert sink is not None  # the address is set

@@ -1,4 +1,4 @@
-"""Build and run the Ray Train ``TorchTrainer`` for a :class:`~service.spec.JobSpec`.
+"""Build and run the Ray Train ``TorchTrainer`` for a :class:`~zerotrain.service.spec.JobSpec`.
 
 The process group backend follows the hardware (NCCL with GPUs, gloo on CPU);
 ``ScalingConfig`` comes from ``spec.scaling``; ``FailureConfig(max_failures)``
@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from service.errors import SpecError
-from service.spec import JobSpec
-from service.tasks.registry import is_custom_task
+from zerotrain.service.errors import SpecError
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.tasks.registry import is_custom_task
 
 __all__ = [
     "JOB_ID_PATTERN",
@@ -90,7 +90,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from service.runtime.worker import train_loop_per_worker
+    from zerotrain.service.runtime.worker import train_loop_per_worker
 
     check_job(spec, job_id=job_id, allow_custom_tasks=allow_custom_tasks)
     storage = resolve_storage(storage)

@@ -1,7 +1,7 @@
 """The Ray Train worker loop: build the task, train with a ZeRO engine, checkpoint, report.
 
 Every rank runs :func:`train_loop_per_worker`. The data order is a function of
-the seed and the stream *position* (:mod:`service.runtime.data`), checkpoints
+the seed and the stream *position* (:mod:`zerotrain.service.runtime.data`), checkpoints
 hold the position, and model, optimizer and RNG state are restored from
 ``ray.train.get_checkpoint()``, so a restarted worker group continues the
 exact trajectory of an uninterrupted run.
@@ -27,16 +27,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from service.records import PHASES
-from service.runtime import compile_cache
-from service.runtime.data import SampleStream
-from service.runtime.engines import Engine, make_engine
-from service.runtime.phase_clock import PhaseClock
-from service.runtime.reporter import Reporter, make_reporter
-from service.runtime.staging import clean_stale_staging, staged_checkpoint
-from service.seeds import resume_seed, worker_seed
-from service.spec import JobSpec, TrainingSpec
-from service.tasks import get_task
+from zerotrain.service.records import PHASES
+from zerotrain.service.runtime import compile_cache
+from zerotrain.service.runtime.data import SampleStream
+from zerotrain.service.runtime.engines import Engine, make_engine
+from zerotrain.service.runtime.phase_clock import PhaseClock
+from zerotrain.service.runtime.reporter import Reporter, make_reporter
+from zerotrain.service.runtime.staging import clean_stale_staging, staged_checkpoint
+from zerotrain.service.seeds import resume_seed, worker_seed
+from zerotrain.service.spec import JobSpec, TrainingSpec
+from zerotrain.service.tasks import get_task
 
 __all__ = ["CHECKPOINT_META", "CheckpointCorrupted", "train_loop_per_worker", "verify_checksums"]
 
@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``allow_custom_tasks`` and optionally ``metrics_file``."""
     import ray.train
 
-    from service.runtime.run_files import RunFiles
+    from zerotrain.service.runtime.run_files import RunFiles
 
     spec: JobSpec = config["spec"]
     ctx = ray.train.get_context()

@@ -1,7 +1,7 @@
 """Built-in training tasks and their registry.
 
 Each task builds a model, a training dataset, a loss and an evaluation metric
-(:class:`service.tasks.base.Task`). Built-ins need no downloads:
+(:class:`zerotrain.service.tasks.base.Task`). Built-ins need no downloads:
 
 * ``digits``: scikit-learn's bundled 8x8 digits (real data), MLP classifier.
 * ``charlm``: a small character-level transformer over the Python standard
@@ -9,8 +9,8 @@ Each task builds a model, a training dataset, a loss and an evaluation metric
 * ``regression``: synthetic teacher-student regression, sized for benchmarks.
 """
 
-from service.tasks.args import Arg
-from service.tasks.registry import (
+from zerotrain.service.tasks.args import Arg
+from zerotrain.service.tasks.registry import (
     TaskDef,
     get_task,
     is_custom_task,
@@ -22,7 +22,7 @@ __all__ = ["Arg", "TaskDef", "get_task", "is_custom_task", "list_tasks", "regist
 
 register_task(
     "digits",
-    builder="service.tasks.digits:build",
+    builder="zerotrain.service.tasks.digits:build",
     description="scikit-learn digits (8x8 images, 10 classes), MLP classifier",
     args={
         "hidden": Arg(type=int, default=128, min=1, max=4096, doc="hidden layer width"),
@@ -46,7 +46,7 @@ def _check_charlm(args: dict) -> list[str]:
 register_task(
     "charlm",
     check=_check_charlm,
-    builder="service.tasks.charlm:build",
+    builder="zerotrain.service.tasks.charlm:build",
     description="character-level transformer LM over the Python standard library sources",
     args={
         "corpus": Arg(
@@ -66,7 +66,7 @@ register_task(
 )
 register_task(
     "regression",
-    builder="service.tasks.regression:build",
+    builder="zerotrain.service.tasks.regression:build",
     description="synthetic regression against a fixed random teacher MLP",
     args={
         "in_features": Arg(type=int, default=32, min=1, max=65536, doc="input width"),

@@ -2,7 +2,7 @@
 
 Task arguments arrive from the network inside a job spec, so every value is
 checked for type and range before a task is built. Errors name the key as
-``task_args.<key>`` and state the rule, like the rest of :mod:`service.spec`.
+``task_args.<key>`` and state the rule, like the rest of :mod:`zerotrain.service.spec`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from service.seeds import derive_seed
+from zerotrain.service.seeds import derive_seed
 
 __all__ = ["Dataset", "Task", "TensorDataset", "init_module", "seeded_generator"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.tasks.base import Task, init_module, seeded_generator
+from zerotrain.service.tasks.base import Task, init_module, seeded_generator
 
 __all__ = ["CharTransformer", "WindowDataset", "build", "load_corpus"]
 

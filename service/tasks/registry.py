@@ -1,7 +1,7 @@
 """Task registry: names -> :class:`TaskDef` (argument schema + lazily imported builder).
 
 A task builds a model, a training dataset, a loss and an evaluation metric
-(see :class:`service.tasks.base.Task`). Built-in tasks are registered by name;
+(see :class:`zerotrain.service.tasks.base.Task`). Built-in tasks are registered by name;
 a *custom* task is named ``package.module:function`` and is imported only when
 the caller explicitly allows it (it runs arbitrary code).
 
@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import SpecError
-from service.tasks.args import Arg, validate_args
+from zerotrain.service.errors import SpecError
+from zerotrain.service.tasks.args import Arg, validate_args
 
 __all__ = [
     "CUSTOM_TASK_PATTERN",
@@ -63,7 +63,7 @@ class TaskDef:
         return resolved, errors
 
     def build(self, args: Mapping[str, Any], *, seed: int) -> Any:
-        """Validate ``args`` and build the task (a :class:`service.tasks.base.Task`)."""
+        """Validate ``args`` and build the task (a :class:`zerotrain.service.tasks.base.Task`)."""
         resolved, errors = self.resolve_args(args)
         if errors:
             raise SpecError(errors)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.tasks.base import Task, TensorDataset, init_module, seeded_generator
+from zerotrain.service.tasks.base import Task, TensorDataset, init_module, seeded_generator
 
 __all__ = ["build"]
 

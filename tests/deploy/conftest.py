@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import ServiceMetrics
+from zerotrain.service.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

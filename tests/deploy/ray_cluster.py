@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from service.local_ray import free_port
+from zerotrain.service.local_ray import free_port
 
 __all__ = ["MultiNodeCluster", "RayNode"]
 

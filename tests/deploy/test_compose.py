@@ -98,7 +98,7 @@ def test_service_prometheus_and_grafana_find_each_other():
 
 
 def _serve_flags_used() -> dict[str, list[str]]:
-    """Flags given to `python -m service serve` by the Dockerfile, compose and k8s."""
+    """Flags given to `python -m zerotrain.service serve` by the Dockerfile, compose and k8s."""
     import json
 
     dockerfile = (ROOT / "Dockerfile").read_text()
@@ -116,7 +116,7 @@ def _serve_flags_used() -> dict[str, list[str]]:
 
 def test_serve_flags_are_the_services_real_flags():
     """Each command line parses with the service's own parser and gives a valid ServerConfig."""
-    from service.__main__ import build_parser, config_from_args
+    from zerotrain.service.__main__ import build_parser, config_from_args
 
     for where, args in _serve_flags_used().items():
         assert args[0] == "serve", where

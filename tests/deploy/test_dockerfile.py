@@ -39,7 +39,7 @@ def test_runs_as_non_root_with_one_entrypoint_and_a_healthcheck():
     assert user.split(":")[0] not in {"0", "root"}
     assert len(instructions("ENTRYPOINT")) == 1
     (health,) = instructions("HEALTHCHECK")
-    assert "service.health" in health
+    assert "zerotrain.service.health" in health
 
 
 def test_cpu_torch_by_default_with_a_cuda_build_argument():

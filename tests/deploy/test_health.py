@@ -1,4 +1,4 @@
-"""service.health (the container HEALTHCHECK) against a real gRPC health server."""
+"""zerotrain.service.health (the container HEALTHCHECK) against a real gRPC health server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.health import main
+from zerotrain.service.health import main
 
 from .conftest import ROOT
 
@@ -32,7 +32,7 @@ def test_serving_server_is_healthy(health_server):
     servicer, address = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     result = subprocess.run(
-        [sys.executable, "-m", "service.health", "--address", address],
+        [sys.executable, "-m", "zerotrain.service.health", "--address", address],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -130,7 +130,7 @@ def test_tls_server_checked_with_its_certificate_name(tmp_path, capsys):
 # ------------------------------------------------------- the service's health port
 def test_probe_against_the_services_health_port(capsys):
     """The image's HEALTHCHECK default (ZEROTRAIN_HEALTH_ADDRESS) talks to this server."""
-    from service.health_server import create_health_server
+    from zerotrain.service.health_server import create_health_server
 
     status = {"value": health_pb2.HealthCheckResponse.SERVING}
     server, port = create_health_server("127.0.0.1:0", lambda: status["value"])
@@ -150,7 +150,7 @@ def test_health_port_answers_without_waiting_for_the_request():
     import h2.connection
     import h2.events
 
-    from service.health_server import create_health_server
+    from zerotrain.service.health_server import create_health_server
 
     server, port = create_health_server(
         "127.0.0.1:0", lambda: health_pb2.HealthCheckResponse.SERVING

@@ -73,10 +73,10 @@ def test_two_node_cluster_has_two_nodes(two_node_cluster):
 def test_spread_job_through_the_service_runs_one_worker_per_node(
     two_node_cluster, tmp_path: Path, monkeypatch
 ):
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.app import Service
-    from service.client import JobClient
-    from service.config import ServerConfig
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.app import Service
+    from zerotrain.service.client import JobClient
+    from zerotrain.service.config import ServerConfig
 
     # The service reaches the token-protected cluster the way a deployment does:
     # RAY_AUTH_MODE=token and the cluster's token (here by path).

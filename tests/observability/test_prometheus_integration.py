@@ -107,7 +107,7 @@ class Prometheus:
 
 def _poll(client, jobs, done: threading.Event) -> None:
     """GetJob/ListJobs every half second and an unknown id now and then (NOT_FOUND)."""
-    from service.client import ApiError
+    from zerotrain.service.client import ApiError
 
     calls = 0
     while not done.wait(0.5):
@@ -127,10 +127,10 @@ def _finite_values(result: list[dict]) -> list[float]:
 def test_every_dashboard_query_returns_data(
     prometheus_bin, promtool, ray_cluster: str, tmp_path: Path, monkeypatch
 ):
-    from service.api.zerotrain.v1 import job_service_pb2 as pb
-    from service.app import Service
-    from service.client import JobClient
-    from service.config import ServerConfig
+    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+    from zerotrain.service.app import Service
+    from zerotrain.service.client import JobClient
+    from zerotrain.service.config import ServerConfig
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     tokens = tmp_path / "tokens.yaml"

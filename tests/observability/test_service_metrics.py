@@ -11,7 +11,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import MetricsInterceptor, ServiceMetrics
+from zerotrain.service.metrics import MetricsInterceptor, ServiceMetrics
 
 
 def _record(step: int, **overrides) -> dict:

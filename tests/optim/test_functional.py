@@ -1,4 +1,4 @@
-"""optim.functional: flat-buffer steps against torch.optim per tensor; compiled against eager."""
+"""zerotrain.optim.functional: flat-buffer steps against torch.optim per tensor; compiled against eager."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from optim import _fused, functional
-from optim.functional import adamax_step, nadam_step
+from zerotrain.optim import _fused, functional
+from zerotrain.optim.functional import adamax_step, nadam_step
 
 SHAPES = [(17, 5), (301, 500), (33,), (4, 3, 2), (1,)]  # odd sizes; > 2 eager chunks in all
 

@@ -17,8 +17,8 @@ from torch import nn
 from torch.optim import adamax as adamax_module
 from torch.optim import nadam as nadam_module
 
-import optim
-from optim import _common
+from zerotrain import optim
+from zerotrain.optim import _common
 
 STEPS = 100
 # max |ours - torch| / max |torch| per tensor; the bounds.

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-import optim
+from zerotrain import optim
 
 STEPS = 50
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.tasks import get_task
+from zerotrain.service.tasks import get_task
 
 __all__ = ["RAISE_AT_STEP", "paced_digits", "raising_regression"]
 

@@ -1,4 +1,4 @@
-"""``python -m service serve`` as a real subprocess that tests can SIGKILL and restart."""
+"""``python -m zerotrain.service serve`` as a real subprocess that tests can SIGKILL and restart."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import psutil
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 
 __all__ = ["RawWatcher", "ServiceProcess", "free_port", "job_processes", "scrape", "wait_for"]
 
@@ -55,7 +55,7 @@ class ServiceProcess:
         self.metrics_port = free_port()
         self.log_path = data_dir / "service.log"
         self.args = [
-            sys.executable, "-m", "service", "serve",
+            sys.executable, "-m", "zerotrain.service", "serve",
             "--address", f"127.0.0.1:{self.port}",
             "--metrics-port", str(self.metrics_port),
             "--health-port", "0",

@@ -20,17 +20,17 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, Principal
-from service.health_server import create_health_server
-from service.jobs import JobManager
-from service.local_ray import LocalRay
-from service.metrics import ServiceMetrics
-from service.model import JobRecord, JobState
-from service.ray_jobs import RayJobs
-from service.server import create_server, health_status_source, stop_server
-from service.store import JobStore
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import Authenticator, Principal
+from zerotrain.service.health_server import create_health_server
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.local_ray import LocalRay
+from zerotrain.service.metrics import ServiceMetrics
+from zerotrain.service.model import JobRecord, JobState
+from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.server import create_server, health_status_source, stop_server
+from zerotrain.service.store import JobStore
 
 __all__ = [
     "TOKENS",

@@ -23,11 +23,11 @@ import h2.connection
 import h2.events
 import pytest
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.model import JobState
-from service.server import MAX_STREAMS_PER_CONNECTION
-from service.spec import JobSpec
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.model import JobState
+from zerotrain.service.server import MAX_STREAMS_PER_CONNECTION
+from zerotrain.service.spec import JobSpec
 
 from .support import Served, bearer, health_status, seed_job, serve_manager
 

@@ -1,6 +1,6 @@
 """Fault injection against the real service: every fault kills a real process by pid.
 
-The service runs as ``python -m service serve`` (a subprocess we can SIGKILL)
+The service runs as ``python -m zerotrain.service serve`` (a subprocess we can SIGKILL)
 over the suite's private Ray head; jobs are real Ray Train jobs. Each job is
 expensive here (~20-40 s), so each one checks several things.
 
@@ -32,10 +32,10 @@ import pytest
 import torch
 import yaml
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.client import ApiError, JobClient
-from service.local_ray import LocalRay, start_local_ray
-from service.ray_jobs import RayJobs
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.client import ApiError, JobClient
+from zerotrain.service.local_ray import LocalRay, start_local_ray
+from zerotrain.service.ray_jobs import RayJobs
 
 from .service_process import RawWatcher, ServiceProcess, job_processes, scrape, wait_for
 from .support import TOKENS, bearer, health_status, job_spec_message, serve_manager
@@ -405,7 +405,7 @@ def test_failed_checkpoint_write_fails_the_job_and_keeps_earlier_ones(env: Env) 
     """The run directory turns read-only mid-job (a read-only bind mount; root ignores
     file modes, so chmod would prove nothing): the next checkpoint cannot be written, the
     job fails with a clear reason, and the checkpoint written before stays loadable."""
-    from service.runtime.worker import verify_checksums
+    from zerotrain.service.runtime.worker import verify_checksums
 
     job_id = env.submit(spec_with(training={"max_failures": 0}))
     wait_for_checkpoint(env, job_id, CHECKPOINT_EVERY)

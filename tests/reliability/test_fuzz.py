@@ -30,11 +30,11 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service import cli, convert
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.errors import SpecError
-from service.model import TERMINAL_STATES, JobState
-from service.spec import JobSpec
+from zerotrain.service import cli, convert
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.errors import SpecError
+from zerotrain.service.model import TERMINAL_STATES, JobState
+from zerotrain.service.spec import JobSpec
 
 from .support import (
     Served,

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.ingest_token import ENV_TOKEN_FILE, TOKEN_FILE
-from service.local_ray import LocalRay
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.ingest_token import ENV_TOKEN_FILE, TOKEN_FILE
+from zerotrain.service.local_ray import LocalRay
 
 from .support import bearer, job_spec_message, serve_manager
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 
 _RANK0 = f"""
 import os, pathlib, stat
-from service.runtime.reporter import make_reporter
+from zerotrain.service.runtime.reporter import make_reporter
 token_file = pathlib.Path(os.environ["{ENV_TOKEN_FILE}"])
 assert stat.S_IMODE(token_file.stat().st_mode) == 0o600, oct(token_file.stat().st_mode)
 assert "ZEROTRAIN_INGEST_TOKEN" not in os.environ

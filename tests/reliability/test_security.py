@@ -18,14 +18,14 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import TokenFileError, load_tokens
-from service.model import JobState
-from service.ray_jobs import runtime_entrypoint
-from service.runtime.trainer import build_trainer
-from service.server import TlsConfig
-from service.spec import JobSpec, load_spec, save_spec
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import TokenFileError, load_tokens
+from zerotrain.service.model import JobState
+from zerotrain.service.ray_jobs import runtime_entrypoint
+from zerotrain.service.runtime.trainer import build_trainer
+from zerotrain.service.server import TlsConfig
+from zerotrain.service.spec import JobSpec, load_spec, save_spec
 
 from .support import (
     TOKENS,
@@ -286,7 +286,9 @@ def test_spec_strings_cannot_escape_the_data_dir_or_the_command(
     command = shlex.split(runtime_entrypoint("j-0123456789abcdef", spec_path, storage))
     # ... and reaches the worker in its spec.json, named by one argument beside the
     # server's storage: never on the command line (where ps and Ray's logs show it).
-    assert command[:3] == [sys.executable, "-m", "service.runtime"]
+    # It runs in its run directory, never with the checkout's root importable.
+    assert command[:4] == ["cd", str(spec_path.parent.resolve()), "&&", "exec"]
+    assert command[4:8] == [sys.executable, "-P", "-m", "zerotrain.service.runtime"]
     assert Path(command[command.index("--spec") + 1]) == spec_path
     assert load_spec(spec_path) == spec
     assert "--spec-json" not in command and not any(hostile[:20] in part for part in command)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.runtime.worker import CheckpointCorrupted, _write_checksums, verify_checksums
+from zerotrain.service.runtime.worker import CheckpointCorrupted, _write_checksums, verify_checksums
 
 
 def make_checkpoint(root):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from service.runtime import compile_cache
+from zerotrain.service.runtime import compile_cache
 
 
 def test_cache_goes_beside_the_runs_keyed_by_machine(tmp_path, monkeypatch) -> None:

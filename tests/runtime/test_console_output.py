@@ -1,4 +1,4 @@
-"""A bare ``python -m service.runtime`` run as a person sees it, on a real local Ray.
+"""A bare ``python -m zerotrain.service.runtime`` run as a person sees it, on a real local Ray.
 
 By default: a progress bar and a summary with loss, accuracy, throughput and the
 checkpoint; none of Ray's chatter and none of the machine-readable lines, which
@@ -31,7 +31,7 @@ RAY_INTERNALS = ("PlacementGroupCleaner", "core_worker", "TrainController", "Ray
 def run_runtime(storage: Path, job_id: str, ray_address: str, *extra: str) -> tuple[int, str, str]:
     """Run the entry point on the test cluster; returns (exit code, stdout, stderr)."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.runtime", "--spec-json", json.dumps(SPEC),
+        [sys.executable, "-m", "zerotrain.service.runtime", "--spec-json", json.dumps(SPEC),
          "--job-id", job_id, "--storage", str(storage), *extra],
         env={**os.environ, "RAY_ADDRESS": ray_address}, capture_output=True, text=True,
         timeout=300,
@@ -75,7 +75,7 @@ def test_verbose_also_shows_rays_output(ray_address, tmp_path: Path):
 def test_a_failing_run_says_why_on_stderr(ray_address, tmp_path: Path):
     """Storage no filesystem knows: Ray Train fails; the log goes to ./runs/<job_id>/."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.runtime", "--spec-json", json.dumps(SPEC),
+        [sys.executable, "-m", "zerotrain.service.runtime", "--spec-json", json.dumps(SPEC),
          "--job-id", "badstore", "--storage", "nope://bucket/runs"],
         env={**os.environ, "RAY_ADDRESS": ray_address}, capture_output=True, text=True,
         timeout=300, cwd=tmp_path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.runtime.data import SampleStream
+from zerotrain.service.runtime.data import SampleStream
 
 
 def test_stream_is_deterministic_and_covers_each_epoch():

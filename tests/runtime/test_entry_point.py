@@ -1,4 +1,4 @@
-"""``python -m service.runtime`` rejects bad input with one field-named line and exit code 2."""
+"""``python -m zerotrain.service.runtime`` rejects bad input with one field-named line and exit code 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.runtime", *args],
+        [sys.executable, "-m", "zerotrain.service.runtime", *args],
         capture_output=True,
         text=True,
         timeout=120,

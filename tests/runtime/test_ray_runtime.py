@@ -5,7 +5,7 @@ One reference run (native engine, 2 workers) is shared by the checks:
 
 * DeepSpeed ZeRO-2 with our Nadam gives the same losses and parameters;
 * a run whose rank-1 process is SIGKILLed mid-run (via the entry point
-  ``python -m service.runtime``) ends with the reference's exact parameters;
+  ``python -m zerotrain.service.runtime``) ends with the reference's exact parameters;
 * continuing that run on 1 worker with twice the per-worker batch (the same
   samples per step) reproduces the reference's next steps.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optim.functional import compile_available
-from service.runtime.trainer import run_job
-from service.spec import JobSpec
+from zerotrain.optim.functional import compile_available
+from zerotrain.service.runtime.trainer import run_job
+from zerotrain.service.spec import JobSpec
 
 pytestmark = pytest.mark.ray
 
@@ -165,7 +165,7 @@ def test_killed_worker_resumes_exactly_then_resumes_on_one_worker(reference, sto
     metrics = storage / "killed.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     command = [
-        sys.executable, "-m", "service.runtime", "--machine",
+        sys.executable, "-m", "zerotrain.service.runtime", "--machine",
         "--spec-json", json.dumps(spec.to_dict()),
         "--job-id", "killed",
         "--storage", str(storage),

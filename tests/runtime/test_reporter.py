@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.runtime.reporter import (
+from zerotrain.service.runtime.reporter import (
     METRICS_PREFIX,
     BufferedReporter,
     MultiReporter,

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import SpecError
-from service.runtime.data import SampleStream
-from service.seeds import (
+from zerotrain.service.errors import SpecError
+from zerotrain.service.runtime.data import SampleStream
+from zerotrain.service.seeds import (
     INIT_STREAM,
     SEED_MODULUS,
     derive_seed,
@@ -21,8 +21,8 @@ from service.seeds import (
     resume_seed,
     worker_seed,
 )
-from service.spec import JobSpec
-from service.tasks.base import seeded_generator
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.tasks.base import seeded_generator
 
 INT64_MAX = 2**63 - 1
 

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 
-from service.errors import SpecError
-from service.spec import JobSpec, OptimizerSpec, TrainingSpec, load_spec
-from service.tasks.registry import is_custom_task
+from zerotrain.service.errors import SpecError
+from zerotrain.service.spec import JobSpec, OptimizerSpec, TrainingSpec, load_spec
+from zerotrain.service.tasks.registry import is_custom_task
 
 BASE = {"name": "demo", "task": "digits"}
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime.staging import STAGING_DIR, clean_stale_staging, staged_checkpoint
-from service.runtime.trainer import run_job
-from service.spec import JobSpec
+from zerotrain.service.runtime.staging import STAGING_DIR, clean_stale_staging, staged_checkpoint
+from zerotrain.service.runtime.trainer import run_job
+from zerotrain.service.spec import JobSpec
 
 
 def test_staging_is_inside_the_run_directory_and_removed_after(tmp_path: Path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.errors import SpecError
-from service.tasks import get_task, list_tasks, register_task
+from zerotrain.service.errors import SpecError
+from zerotrain.service.tasks import get_task, list_tasks, register_task
 
 SMALL_ARGS = {
     "digits": {},
@@ -16,7 +16,7 @@ SMALL_ARGS = {
 
 
 def _train(task, steps: int, batch: int = 64) -> list[float]:
-    from optim import Nadam
+    from zerotrain.optim import Nadam
 
     torch.manual_seed(0)
     opt = Nadam(task.model.parameters(), lr=3e-3)
@@ -80,10 +80,10 @@ def test_task_args_errors_and_registry():
     with pytest.raises(KeyError, match="unknown task 'nope'"):
         get_task("nope")
     with pytest.raises(PermissionError, match="custom task"):
-        get_task("service.tasks.digits:build")
-    custom = get_task("service.tasks.digits:build", allow_custom=True)
+        get_task("zerotrain.service.tasks.digits:build")
+    custom = get_task("zerotrain.service.tasks.digits:build", allow_custom=True)
     assert custom.build({"hidden": 8, "depth": 1, "test_fraction": 0.2}, seed=0).kind == (
         "classification"
     )
     with pytest.raises(ValueError, match="already registered"):
-        register_task("digits", builder="service.tasks.digits:build")
+        register_task("digits", builder="zerotrain.service.tasks.digits:build")

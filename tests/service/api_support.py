@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
-from service.auth import Authenticator, Principal
-from service.model import JobRecord, JobState
-from service.server import TlsConfig, create_server, stop_server
-from service.spec import JobSpec
-from service.store import JobStore
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
+from zerotrain.service.auth import Authenticator, Principal
+from zerotrain.service.model import JobRecord, JobState
+from zerotrain.service.server import TlsConfig, create_server, stop_server
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.store import JobStore
 
 TOKENS = {
     "alice": "alice-0123456789abcdef",

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from service.api import generate
+from zerotrain.service.api import generate
 
 
 def test_committed_code_matches_protos():
@@ -16,7 +16,7 @@ def test_committed_code_matches_protos():
 
 def test_drift_is_detected(tmp_path):
     generate.generate(tmp_path)
-    package = tmp_path / "service" / "api" / "zerotrain" / "v1"
+    package = tmp_path / "zerotrain" / "service" / "api" / "zerotrain" / "v1"
     (package / "job_service_pb2.py").write_text("# tampered\n")
     (package / "job_service_pb2_grpc.py").unlink()
     assert generate.drifted_files(package) == ["job_service_pb2.py", "job_service_pb2_grpc.py"]
@@ -24,7 +24,7 @@ def test_drift_is_detected(tmp_path):
 
 def test_generator_version_stamps_are_not_drift(tmp_path):
     generate.generate(tmp_path)
-    package = tmp_path / "service" / "api" / "zerotrain" / "v1"
+    package = tmp_path / "zerotrain" / "service" / "api" / "zerotrain" / "v1"
     pb2 = package / "job_service_pb2.py"
     text = pb2.read_text()
     stamped = re.sub(r"# Protobuf Python Version: .*", "# Protobuf Python Version: 99.0.0", text)
@@ -36,15 +36,15 @@ def test_generator_version_stamps_are_not_drift(tmp_path):
 
 
 def test_generated_imports_are_package_absolute():
-    # A fresh interpreter with only the repo root importable (no sys.path tricks).
+    # A fresh interpreter importing the installed package (-P: not the checkout's root).
     code = (
-        "from service.api.zerotrain.v1 import job_service_pb2 as pb, job_service_pb2_grpc as rpc\n"
+        "from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb, job_service_pb2_grpc as rpc\n"
         "assert pb.DESCRIPTOR.package == 'zerotrain.v1'\n"
         "names = [m.name for m in pb.DESCRIPTOR.services_by_name['JobService'].methods]\n"
         "print(','.join(names))\n"
         "assert hasattr(rpc, 'JobServiceStub')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().split(",") == [
         "SubmitJob",
         "GetJob",

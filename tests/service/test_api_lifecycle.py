@@ -22,14 +22,14 @@ import pytest
 from api_support import TOKENS, hermetic_client_env, make_auth, make_pki  # noqa: F401
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service import cli
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.auth import Authenticator
-from service.client import ApiError, JobClient
-from service.jobs import JobManager
-from service.ray_jobs import RayJobs
-from service.server import create_server, stop_server
-from service.store import JobStore
+from zerotrain.service import cli
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.auth import Authenticator
+from zerotrain.service.client import ApiError, JobClient
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.server import create_server, stop_server
+from zerotrain.service.store import JobStore
 
 pytestmark = pytest.mark.ray
 
@@ -254,7 +254,7 @@ def test_serve_command_with_tokens_and_tls(ray_cluster: str, tmp_path: Path, cap
         "ZEROTRAIN_TLS_CERT": str(pki["server_cert"]),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0",
+        [sys.executable, "-m", "zerotrain.service", "serve", "--address", "127.0.0.1:0",
          "--metrics-port", "-1", "--health-port", "0", "--ray-address", ray_cluster,
          "--tls-key", str(pki["server_key"])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

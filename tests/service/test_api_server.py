@@ -31,14 +31,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.auth import Authenticator
-from service.client import ApiError, JobClient
-from service.ingest_client import GrpcSink, IngestError
-from service.jobs import JobManager
-from service.model import JobState
-from service.server import create_ingest_server, create_server, stop_server
-from service.store import JobStore
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.auth import Authenticator
+from zerotrain.service.client import ApiError, JobClient
+from zerotrain.service.ingest_client import GrpcSink, IngestError
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.model import JobState
+from zerotrain.service.server import create_ingest_server, create_server, stop_server
+from zerotrain.service.store import JobStore
 
 
 @pytest.fixture
@@ -411,8 +411,8 @@ def test_idempotency_key_reused_with_another_spec_is_already_exists(
 
     Neither answer needs Ray: the key is looked up before anything is scheduled.
     """
-    from service.convert import spec_to_proto
-    from service.model import JobRecord
+    from zerotrain.service.convert import spec_to_proto
+    from zerotrain.service.model import JobRecord
 
     first = api_spec("keyed")
     now = time.time()

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from api_support import hermetic_client_env  # noqa: F401 - autouse fixture
 
-from service import __main__ as serve_main
-from service import cli, convert
-from service.api.zerotrain.v1 import job_service_pb2 as pb
-from service.auth import Authenticator, TokenFileError, load_tokens
-from service.config import ConfigError, ServerConfig, load_client_config
-from service.errors import SpecError
-from service.model import JobEvent, JobState
-from service.spec import JobSpec
+from zerotrain.service import __main__ as serve_main
+from zerotrain.service import cli, convert
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
+from zerotrain.service.auth import Authenticator, TokenFileError, load_tokens
+from zerotrain.service.config import ConfigError, ServerConfig, load_client_config
+from zerotrain.service.errors import SpecError
+from zerotrain.service.model import JobEvent, JobState
+from zerotrain.service.spec import JobSpec
 
 # ---------------------------------------------------------------- converters
 SPECS = [

@@ -26,16 +26,16 @@ from api_support import (
     serving,
 )
 
-from service import cli, cli_views
-from service.auth import Authenticator
-from service.client import JobClient
-from service.display import strip_ansi
-from service.history import fetch_history
-from service.ingest_client import GrpcSink
-from service.jobs import JobManager
-from service.model import JobState
-from service.spec import JobSpec
-from service.store import JobStore
+from zerotrain.service import cli, cli_views
+from zerotrain.service.auth import Authenticator
+from zerotrain.service.client import JobClient
+from zerotrain.service.display import strip_ansi
+from zerotrain.service.history import fetch_history
+from zerotrain.service.ingest_client import GrpcSink
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.model import JobState
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.store import JobStore
 
 LONG_NAME = "a-very-long-job-name-that-would-wrap-over-several-lines-" * 2
 

@@ -1,6 +1,6 @@
 """The data dir and the embedded Ray temp dir: private, and never silently started over.
 
-The start-up refusals run the real ``python -m service serve`` as a subprocess
+The start-up refusals run the real ``python -m zerotrain.service serve`` as a subprocess
 (they happen before Ray is contacted); the permission checks use the real
 modules on real files.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from service.datadir import (
+from zerotrain.service.datadir import (
     StoreUnusable,
     load_or_create_secret,
     open_store,
     prepare_data_dir,
     warn_if_exposed,
 )
-from service.local_ray import LocalRay, start_local_ray
+from zerotrain.service.local_ray import LocalRay, start_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_UID = 12345
@@ -39,7 +39,7 @@ def _used_data_dir(path: Path) -> Path:
 
 def _serve(data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [
-        sys.executable, "-m", "service", "serve", "--insecure-no-auth",
+        sys.executable, "-m", "zerotrain.service", "serve", "--insecure-no-auth",
         "--data-dir", str(data_dir), "--metrics-port", "-1", "--health-port", "-1",
         "--address", "127.0.0.1:0", "--ray-address", "http://127.0.0.1:9", *extra,
     ]  # fmt: skip
@@ -119,7 +119,7 @@ def test_a_readable_tokens_file_is_warned_about(tmp_path: Path, caplog):
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("tokens: []\n")
     os.chmod(tokens, 0o644)
-    with caplog.at_level(logging.WARNING, logger="service.datadir"):
+    with caplog.at_level(logging.WARNING, logger="zerotrain.service.datadir"):
         assert warn_if_exposed(tokens)
     assert str(tokens) in caplog.text and "644" in caplog.text
     os.chmod(tokens, 0o600)

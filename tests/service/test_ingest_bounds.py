@@ -20,12 +20,12 @@ from api_support import (
     serving,
 )
 
-from service.auth import Authenticator
-from service.ingest_client import GrpcSink, IngestError
-from service.jobs import JobManager
-from service.model import JobState
-from service.runtime.reporter import BufferedReporter
-from service.store import JobStore
+from zerotrain.service.auth import Authenticator
+from zerotrain.service.ingest_client import GrpcSink, IngestError
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.model import JobState
+from zerotrain.service.runtime.reporter import BufferedReporter
+from zerotrain.service.store import JobStore
 
 FINAL = {"attempt": 1, "step": 4, "loss": 0.25, "final": True}
 

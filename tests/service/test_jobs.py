@@ -18,19 +18,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.errors import (
+from zerotrain.service.errors import (
     InvalidArgument,
     JobFinished,
     JobNotFound,
     PermissionDenied,
     Unschedulable,
 )
-from service.jobs import JobManager
-from service.local_ray import LocalRay, start_local_ray
-from service.model import JobEvent, JobRecord, JobState
-from service.ray_jobs import RayJobs
-from service.spec import JobSpec, save_spec
-from service.store import JobStore
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.local_ray import LocalRay, start_local_ray
+from zerotrain.service.model import JobEvent, JobRecord, JobState
+from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.spec import JobSpec, save_spec
+from zerotrain.service.store import JobStore
 
 pytestmark = pytest.mark.ray
 
@@ -356,7 +356,7 @@ def test_local_head_is_reused_after_a_service_restart(ray_head: LocalRay):
 
 
 def test_real_runtime_job_end_to_end(tmp_path: Path, ray_jobs: RayJobs):
-    """The real `python -m service.runtime` digits job, 2 workers, through the manager.
+    """The real `python -m zerotrain.service.runtime` digits job, 2 workers, through the manager.
 
     No gRPC server here: the test plays the ingestion rpc by following the
     job's log and handing each ``ZEROTRAIN_METRICS`` record to ``ingest()``.

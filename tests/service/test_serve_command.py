@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.app import ray_temp_dir
+from zerotrain.service.app import ray_temp_dir
 
 SCRIPT = Path(sys.executable).with_name("zerotrain-serve")
 
@@ -24,10 +24,10 @@ def test_help_names_the_command_typed():
     assert shown.returncode == 0 and shown.stdout.startswith("usage: zerotrain-serve [-h]")
     assert "--data-dir" in shown.stdout
     module = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--help"],
+        [sys.executable, "-m", "zerotrain.service", "serve", "--help"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert module.stdout.startswith("usage: python -m service serve [-h]")
+    assert module.stdout.startswith("usage: python -m zerotrain.service serve [-h]")
 
 
 @pytest.mark.ray

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidArgument, JobNotFound
-from service.model import CheckpointInfo, JobRecord, JobState
-from service.spec import JobSpec
-from service.store import JobStore
+from zerotrain.service.errors import InvalidArgument, JobNotFound
+from zerotrain.service.model import CheckpointInfo, JobRecord, JobState
+from zerotrain.service.spec import JobSpec
+from zerotrain.service.store import JobStore
 
 
 def make_record(job_id: str, *, owner: str = "alice", key: str | None = None, **labels) -> JobRecord:

@@ -7,12 +7,12 @@ import shlex
 import stat
 from pathlib import Path
 
-from service.ingest_token import ENV_TOKEN_FILE
-from service.jobs import JobManager
-from service.model import JobState
-from service.ray_jobs import ClusterResources
-from service.spec import JobSpec, load_spec
-from service.store import JobStore
+from zerotrain.service.ingest_token import ENV_TOKEN_FILE
+from zerotrain.service.jobs import JobManager
+from zerotrain.service.model import JobState
+from zerotrain.service.ray_jobs import ClusterResources
+from zerotrain.service.spec import JobSpec, load_spec
+from zerotrain.service.store import JobStore
 
 
 class FakeRay:

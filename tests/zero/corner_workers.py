@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from optim import Adamax, Nadam
-from optim.zero import ZeroOptimizer
+from zerotrain.optim import Adamax, Nadam
+from zerotrain.optim.zero import ZeroOptimizer
 
 from .workers import (
     TINY_BUCKET_MB,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import Adamax, Nadam, ZeroOptimizer
+from zerotrain.optim import Adamax, Nadam, ZeroOptimizer
 
 from . import corner_workers
 from .harness import spawn

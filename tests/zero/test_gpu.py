@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim import Adamax, Nadam, ZeroOptimizer
+from zerotrain.optim import Adamax, Nadam, ZeroOptimizer
 
 from . import workers
 from .harness import spawn

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from optim import Adamax, Nadam, ZeroOptimizer
-from optim.zero import CheckpointError
-from optim.zero.layout import build_layout
+from zerotrain.optim import Adamax, Nadam, ZeroOptimizer
+from zerotrain.optim.zero import CheckpointError
+from zerotrain.optim.zero.layout import build_layout
 
 from . import workers
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from optim.zero import CheckpointError, ZeroOptimizer
+from zerotrain.optim.zero import CheckpointError, ZeroOptimizer
 
 TINY_BUCKET_MB = 0.0004  # ~100 fp32 elements: many buckets, parameters straddle ranks
 
@@ -27,7 +27,7 @@ TINY_BUCKET_MB = 0.0004  # ~100 fp32 elements: many buckets, parameters straddle
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
     """The project's drop-in classes (torch's twins until they exist)."""
     try:
-        from optim import Adamax, Nadam  # type: ignore[attr-defined]
+        from zerotrain.optim import Adamax, Nadam  # type: ignore[attr-defined]
     except ImportError:
         return {"adamax": torch.optim.Adamax, "nadam": torch.optim.NAdam}
     return {"adamax": Adamax, "nadam": Nadam}

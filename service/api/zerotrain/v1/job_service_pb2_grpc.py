@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.api.zerotrain.v1 import job_service_pb2 as service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2
+from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/api/zerotrain/v1/job_service_pb2_grpc.py depends on'
+        + ' but the generated code in zerotrain/service/api/zerotrain/v1/job_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,38 +37,38 @@ class JobServiceStub:
         """
         self.SubmitJob = channel.unary_unary(
                 '/zerotrain.v1.JobService/SubmitJob',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/zerotrain.v1.JobService/GetJob',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/zerotrain.v1.JobService/ListJobs',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/zerotrain.v1.JobService/CancelJob',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/zerotrain.v1.JobService/WatchJob',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.StreamLogs = channel.unary_stream(
                 '/zerotrain.v1.JobService/StreamLogs',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/zerotrain.v1.JobService/ReportMetrics',
-                request_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.SerializeToString,
-                response_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.FromString,
+                request_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.SerializeToString,
+                response_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
 
 
@@ -152,38 +152,38 @@ def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.SerializeToString,
             ),
             'StreamLogs': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamLogs,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
-                    request_deserializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.FromString,
-                    response_serializer=service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.SerializeToString,
+                    request_deserializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.FromString,
+                    response_serializer=zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,8 +212,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/SubmitJob',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -239,8 +239,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/GetJob',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -266,8 +266,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/ListJobs',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -293,8 +293,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/CancelJob',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -320,8 +320,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/WatchJob',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,8 +347,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/StreamLogs',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.StreamLogsRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,
@@ -374,8 +374,8 @@ class JobService:
             request,
             target,
             '/zerotrain.v1.JobService/ReportMetrics',
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.SerializeToString,
-            service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.FromString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsRequest.SerializeToString,
+            zerotrain_dot_service_dot_api_dot_zerotrain_dot_v1_dot_job__service__pb2.ReportMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""The training runtime: one Ray job per training job (``python -m zerotrain.service.runtime``)."""
