@@ -40,7 +40,7 @@ test: setup lint prometheus
 # The edit-test loop: everything but the tests that start a Ray cluster or a
 # service subprocess (marked `ray`); multi-process gloo tests included.
 test-fast: setup lint prometheus
-	$(PYTEST) -m "not ray"
+	$(PYTEST) -m "not ray" -n 2
 
 demo: setup
 	$(PY) -m zerotrain.service.demo
