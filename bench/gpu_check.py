@@ -100,8 +100,8 @@ def check_service(device: torch.device, max_steps: int, timeout_s: float) -> lis
 
 def _run_job(rows: list[Row], service: Any, token: str, spec: dict[str, Any], timeout_s: float) -> None:
     """Start ``service``, submit ``spec``, wait for the end; rows appended as they are known."""
-    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
     from zerotrain.service.client import TERMINAL_STATES, JobClient
+    from zerotrain.service.model import JobState
 
     use_gpu = spec["scaling"]["use_gpu"]
     started = time.monotonic()
@@ -116,23 +116,24 @@ def _run_job(rows: list[Row], service: Any, token: str, spec: dict[str, Any], ti
         while (job := client.get(job.job_id)).state not in TERMINAL_STATES:
             if time.monotonic() > deadline:
                 client.cancel(job.job_id)
-                raise TimeoutError(f"job {job.job_id} still {pb.JobState.Name(job.state)} "
+                raise TimeoutError(f"job {job.job_id} still JOB_STATE_{job.state.value} "
                                    f"after {timeout_s:.0f} s (cancelled)")  # fmt: skip
             time.sleep(0.5)
         events = list(client.watch(job.job_id))  # a finished job's events, replayed
-        log_tail = [] if job.state == pb.JOB_STATE_SUCCEEDED else list(client.logs(job.job_id))[-30:]
-    created = job.created_at.ToNanoseconds()
-    seconds = (job.finished_at.ToNanoseconds() - created) / 1e9
-    state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        log_tail = [] if job.state == JobState.SUCCEEDED else list(client.logs(job.job_id))[-30:]
+    created = job.created_at
+    seconds = job.finished_at - created
+    state = job.state.value
     reason = f": {job.state_reason}" if job.state_reason else ""
     rows.append({"check": f"digits job, use_gpu={use_gpu}, {spec['training']['max_steps']} steps",
                  "ok": state == "SUCCEEDED", "state": state, "job_s": seconds, "log_tail": log_tail,
                  "detail": f"{state} in {seconds:.1f} s after submission{reason}"})  # fmt: skip
-    records = [e for e in events if e.HasField("metrics")]
-    first = (records[0].time.ToNanoseconds() - created) / 1e9 if records else None
-    m = job.latest_metrics
+    records = [e for e in events if e.kind == "metrics"]
+    first = records[0].time - created if records else None
+    m = job.latest_metrics or {}
     detail = (f"{len(records)} record(s), the first {first:.1f} s after submission; last: step "
-              f"{m.step}, loss {m.loss:.4f}, world {m.world_size}" if records
+              f"{m.get('step', 0)}, loss {m.get('loss', 0.0):.4f}, world {m.get('world_size', 0)}"
+              if records
               else "no metrics record arrived")  # fmt: skip
     rows.append({"check": "metrics records arrived", "ok": bool(records), "records": len(records),
                  "first_record_s": first, "detail": detail})  # fmt: skip

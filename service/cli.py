@@ -35,13 +35,13 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 
-from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.cli_views import job_json, print_job, print_list, watch_job
 from zerotrain.service.client import ApiError, JobClient
 from zerotrain.service.config import DEFAULT_ADDRESS, ConfigError
-from zerotrain.service.convert import message_to_json, state_name
+from zerotrain.service.convert_json import job_to_json
 from zerotrain.service.display import STATE_STYLE, strip_ansi
 from zerotrain.service.errors import SpecError
+from zerotrain.service.model import JobState
 from zerotrain.service.spec import JobSpec, load_spec
 
 __all__ = ["EXIT_CODES", "build_parser", "main", "watch_job"]
@@ -196,13 +196,13 @@ def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
     if args.command == "submit":
         spec = _spec_from_args(args)
         job = client.submit(spec, idempotency_key=args.idempotency_key)
-        console.print(f"submitted {job.job_id} ({state_name(job.state)})")
+        console.print(f"submitted {job.job_id} ({job.state.value})")
         if args.watch:
             job = watch_job(client, job.job_id, console)
-            return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_JOB_FAILED
+            return EXIT_OK if job.state == JobState.SUCCEEDED else EXIT_JOB_FAILED
         return EXIT_OK
     if args.command == "list":
-        state = getattr(pb, f"JOB_STATE_{args.state}") if args.state else 0
+        state = JobState(args.state) if args.state else None
         filters = {"state": state, "labels": _pairs(args.label, "--label"), "owner": args.owner}
         if args.all:
             jobs = list(client.list_all(page_size=args.page_size, **filters))
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
         else:
             jobs, token = client.list(page_size=args.page_size, **filters)
         if args.json:
-            print(json.dumps([message_to_json(j) for j in jobs], indent=2))
+            print(json.dumps([job_to_json(j) for j in jobs], indent=2))
             return EXIT_OK
         print_list(console, jobs)
         if token:
@@ -225,7 +225,7 @@ def _run(args: argparse.Namespace, client: JobClient, console: Console) -> int:
         return EXIT_OK
     if args.command == "watch":
         job = watch_job(client, args.job_id, console, from_sequence=args.from_sequence)
-        return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_JOB_FAILED
+        return EXIT_OK if job.state == JobState.SUCCEEDED else EXIT_JOB_FAILED
     if args.command == "logs":
         plain = not sys.stdout.isatty()  # colour codes only make sense on a terminal
         for line in client.logs(args.job_id, follow=args.follow):

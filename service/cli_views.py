@@ -16,9 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.client import TERMINAL_STATES, JobClient
-from zerotrain.service.convert import message_to_json, metrics_from_proto, state_name
+from zerotrain.service.convert_json import job_to_json
 from zerotrain.service.display import (
     STATE_STYLE,
     job_progress,
@@ -26,23 +25,24 @@ from zerotrain.service.display import (
     state_markup,
     summary_line,
 )
+from zerotrain.service.model import JobRecord, JobState
 
 __all__ = ["LIST_COLUMNS", "fit_columns", "job_json", "print_job", "print_list", "watch_job"]
 
 
-def _fmt_time(ts: Any) -> str:
-    if ts.seconds == 0 and ts.nanos == 0:
+def _fmt_time(seconds: float | None) -> str:
+    if not seconds:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(seconds)))
 
 
-def _metric(record: pb.MetricsRecord, name: str, fmt: str = "{:.4f}") -> str:
-    return fmt.format(getattr(record, name)) if record.HasField(name) else "-"
+def _metric(record: dict[str, Any], name: str, fmt: str = "{:.4f}") -> str:
+    return fmt.format(record[name]) if record.get(name) is not None else "-"
 
 
-def print_job(console: Console, job: pb.Job) -> None:
+def print_job(console: Console, job: JobRecord) -> None:
     """``trainctl get`` / ``cancel``: the job as a two-column table."""
-    state = state_name(job.state)
+    state = job.state.value
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -52,37 +52,35 @@ def print_job(console: Console, job: pb.Job) -> None:
         ("state", state_markup(state)
                   + (f"  ({escape(job.state_reason)})" if job.state_reason else "")),
         ("task", spec.task),
-        ("optimizer", f"{pb.Algorithm.Name(spec.optimizer.algorithm).removeprefix('ALGORITHM_').lower()}"
-                      f" lr={spec.optimizer.lr:g}"),
-        ("sharding", f"{pb.Engine.Name(spec.sharding.engine).removeprefix('ENGINE_').lower()}"
-                     f" stage {spec.sharding.stage}"),
+        ("optimizer", f"{spec.optimizer.algorithm} lr={spec.optimizer.lr:g}"),
+        ("sharding", f"{spec.sharding.engine} stage {spec.sharding.stage}"),
         ("workers", str(spec.scaling.num_workers)),
         ("attempt", str(job.attempt)),
         ("created", _fmt_time(job.created_at)), ("started", _fmt_time(job.started_at)),
         ("finished", _fmt_time(job.finished_at)),
     ]  # fmt: skip
-    if job.HasField("latest_metrics"):
+    if job.latest_metrics is not None:
         m = job.latest_metrics
-        rows.append(("step", f"{m.step} / {spec.training.max_steps}"))
+        rows.append(("step", f"{m.get('step', 0)} / {spec.training.max_steps}"))
         rows.append(("loss", _metric(m, "loss")))
-        if m.HasField("accuracy"):
+        if m.get("accuracy") is not None:
             rows.append(("accuracy", _metric(m, "accuracy")))
         rows.append(("throughput", _metric(m, "samples_per_second", "{:.0f} samples/s")))
-    if job.HasField("checkpoint"):
+    if job.checkpoint is not None:
         rows.append(("checkpoint", f"step {job.checkpoint.step}: {job.checkpoint.path}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
 
 
-def job_json(job: pb.Job) -> str:
-    """``--json``: the job as indented JSON (proto field names)."""
-    return json.dumps(message_to_json(job), indent=2)
+def job_json(job: JobRecord) -> str:
+    """``--json``: the job as indented JSON (the API's field names)."""
+    return json.dumps(job_to_json(job), indent=2)
 
 
 def watch_job(
     client: JobClient, job_id: str, console: Console, *, from_sequence: int = 0
-) -> pb.Job:
+) -> JobRecord:
     """Show a live progress bar (step, loss, throughput) until the job ends.
 
     State changes are printed above the bar with their time; returns the
@@ -95,34 +93,30 @@ def watch_job(
             "train", total=total, name=escape(job.spec.name or job_id), loss="-", rate=""
         )
         for event in client.watch(job_id, from_sequence):
-            if event.HasField("metrics"):
-                progress.update(bar, **progress_fields(metrics_from_proto(event.metrics)))
+            if event.state is None:  # a metrics record
+                progress.update(bar, **progress_fields(event.metrics or {}))
                 continue
-            change = event.state_change
-            when = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
-            reason = f": {escape(change.reason)}" if change.reason else ""
-            progress.console.print(
-                f"[dim]{when}[/] {state_markup(state_name(change.state))}{reason}"
-            )
-            if change.state in TERMINAL_STATES:
+            when = time.strftime("%H:%M:%S", time.localtime(int(event.time)))
+            reason = f": {escape(event.reason)}" if event.reason else ""
+            progress.console.print(f"[dim]{when}[/] {state_markup(event.state.value)}{reason}")
+            if event.state in TERMINAL_STATES:
                 break
     job = client.get(job_id)
     print_summary(console, job)
     return job
 
 
-def print_summary(console: Console, job: pb.Job) -> None:
+def print_summary(console: Console, job: JobRecord) -> None:
     """The one-line summary of an ended job, and the reason unless it succeeded."""
     seconds = None
-    if job.HasField("started_at") and job.HasField("finished_at"):
-        seconds = job.finished_at.ToNanoseconds() / 1e9 - job.started_at.ToNanoseconds() / 1e9
-    metrics = metrics_from_proto(job.latest_metrics) if job.HasField("latest_metrics") else None
+    if job.started_at is not None and job.finished_at is not None:
+        seconds = job.finished_at - job.started_at
     console.print(
         summary_line(
-            job.job_id, state_name(job.state), metrics, seconds=seconds, attempts=job.attempt
+            job.job_id, job.state.value, job.latest_metrics, seconds=seconds, attempts=job.attempt
         )
     )
-    if job.state_reason and job.state != pb.JOB_STATE_SUCCEEDED:
+    if job.state_reason and job.state != JobState.SUCCEEDED:
         console.print(f"reason: {escape(job.state_reason)}")
 
 
@@ -135,15 +129,15 @@ _NAME_MIN = 20
 _GAP = 2
 
 
-def _list_rows(jobs: Sequence[pb.Job]) -> list[dict[str, str]]:
+def _list_rows(jobs: Sequence[JobRecord]) -> list[dict[str, str]]:
     rows = []
     for job in jobs:
-        m = job.latest_metrics if job.HasField("latest_metrics") else None
+        m = job.latest_metrics
         rows.append({
-            "JOB": job.job_id, "STATE": state_name(job.state), "NAME": job.spec.name,
-            "STEP": f"{m.step}/{job.spec.training.max_steps}" if m is not None else "-",
-            "LOSS": f"{m.loss:.4g}" if m is not None and m.HasField("loss") else "-",
-            "CREATED": _short_time(job.created_at.seconds), "OWNER": job.owner,
+            "JOB": job.job_id, "STATE": job.state.value, "NAME": job.spec.name,
+            "STEP": f"{m.get('step', 0)}/{job.spec.training.max_steps}" if m is not None else "-",
+            "LOSS": f"{m['loss']:.4g}" if m is not None and m.get("loss") is not None else "-",
+            "CREATED": _short_time(int(job.created_at)), "OWNER": job.owner,
         })  # fmt: skip
     return rows
 
@@ -181,7 +175,7 @@ def fit_columns(widths: dict[str, int], order: Sequence[str], total: int) -> dic
     return fitted
 
 
-def print_list(console: Console, jobs: Sequence[pb.Job]) -> None:
+def print_list(console: Console, jobs: Sequence[JobRecord]) -> None:
     """``trainctl list``: one row per job, the columns that fit the terminal."""
     if not jobs:
         console.print("no jobs", style="dim")

@@ -6,14 +6,15 @@
         job = client.submit("examples/digits_nadam.yaml")
         for event in client.watch(job.job_id):       # reconnects, resumes by sequence
             ...
-        print(client.get(job.job_id).latest_metrics.loss)
+        print(client.get(job.job_id).latest_metrics["loss"])
 
 Address, token and TLS files come from the arguments, else the environment
 (``ZEROTRAIN_ADDRESS``, ``ZEROTRAIN_TOKEN``, ``ZEROTRAIN_CA``, ...), else
 ``~/.config/zerotrain/config.yaml`` (see :mod:`zerotrain.service.config`). Replies are
-the protobuf messages of ``zerotrain.service.api.zerotrain.v1.job_service_pb2``; failures
-raise :class:`ApiError` with the status code, the server's message and, for
-invalid input, each bad field.
+the domain types of :mod:`zerotrain.service.model` (:class:`JobRecord`,
+:class:`JobEvent`, :class:`JobState`), converted by :mod:`zerotrain.service.convert`:
+the protobuf messages stay inside this module. Failures raise :class:`ApiError`
+with the status code, the server's message and, for invalid input, each bad field.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from zerotrain.service import convert
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2_grpc as pb_grpc
 from zerotrain.service.config import ClientConfig, load_client_config
+from zerotrain.service.model import TERMINAL_STATES, JobEvent, JobRecord, JobState
 from zerotrain.service.spec import JobSpec, load_spec
 
 __all__ = ["TERMINAL_STATES", "ApiError", "JobClient"]
 
-#: ``JobState`` numbers after which a job never changes again.
-TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 # Watch reconnects on these (the server restarting, a network blip).
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -108,11 +108,11 @@ class JobClient:
     # ------------------------------------------------------------------- unary
     def submit(
         self,
-        spec: JobSpec | Mapping[str, Any] | str | Path | pb.JobSpec,
+        spec: JobSpec | Mapping[str, Any] | str | Path,
         *,
         idempotency_key: str | None = None,
-    ) -> pb.Job:
-        """Submit a job: a :class:`JobSpec`, a spec dict, a YAML/JSON path or a message.
+    ) -> JobRecord:
+        """Submit a job: a :class:`JobSpec`, a spec dict or a YAML/JSON path.
 
         A dict or file is validated locally first (``SpecError`` lists every
         bad field before anything is sent).
@@ -121,35 +121,40 @@ class JobClient:
             spec = load_spec(spec)
         elif isinstance(spec, Mapping):
             spec = JobSpec.from_dict(spec)
-        message = spec if isinstance(spec, pb.JobSpec) else convert.spec_to_proto(spec)
-        request = pb.SubmitJobRequest(spec=message, idempotency_key=idempotency_key or "")
-        return self._unary(self._stub.SubmitJob, request)
+        request = pb.SubmitJobRequest(
+            spec=convert.spec_to_proto(spec), idempotency_key=idempotency_key or ""
+        )
+        return convert.job_from_proto(self._unary(self._stub.SubmitJob, request))
 
-    def get(self, job_id: str) -> pb.Job:
+    def get(self, job_id: str) -> JobRecord:
         """One job."""
-        return self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        reply = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        return convert.job_from_proto(reply)
 
     def list(
         self,
         *,
-        state: pb.JobState = pb.JOB_STATE_UNSPECIFIED,
+        state: JobState | str | None = None,
         labels: Mapping[str, str] | None = None,
         owner: str = "",
         page_size: int = 0,
         page_token: str = "",
-    ) -> tuple[list[pb.Job], str]:
-        """One page of jobs, newest first, and the token of the next page ("" at the end)."""
+    ) -> tuple[list[JobRecord], str]:
+        """One page of jobs, newest first, and the token of the next page ("" at the end).
+
+        ``state`` (a :class:`JobState` or its name, ``"RUNNING"``) keeps the jobs in it.
+        """
         request = pb.ListJobsRequest(
-            state=state,
+            state=convert.state_to_proto(JobState(state)) if state else pb.JOB_STATE_UNSPECIFIED,
             labels=dict(labels or {}),
             owner=owner,
             page_size=page_size,
             page_token=page_token,
         )
         reply = self._unary(self._stub.ListJobs, request)
-        return list(reply.jobs), reply.next_page_token
+        return [convert.job_from_proto(job) for job in reply.jobs], reply.next_page_token
 
-    def list_all(self, **filters: Any) -> Iterator[pb.Job]:
+    def list_all(self, **filters: Any) -> Iterator[JobRecord]:
         """Every job matching the filters of :meth:`list`, following page tokens."""
         token = ""
         while True:
@@ -158,9 +163,10 @@ class JobClient:
             if not token:
                 return
 
-    def cancel(self, job_id: str) -> pb.Job:
+    def cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop; returns it (CANCELLING or already CANCELLED)."""
-        return self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
+        reply = self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
+        return convert.job_from_proto(reply)
 
     # ----------------------------------------------------------------- streams
     def watch(
@@ -169,7 +175,7 @@ class JobClient:
         from_sequence: int = 0,
         *,
         reconnect_timeout_s: float = 120.0,
-    ) -> Iterator[pb.JobEvent]:
+    ) -> Iterator[JobEvent]:
         """Every event of the job after ``from_sequence``, until its terminal state.
 
         When the stream breaks (server restart, network), reconnects with the
@@ -185,21 +191,19 @@ class JobClient:
             )
             error: grpc.RpcError | None = None
             try:
-                for event in stream:
+                for message in stream:
                     down_since, backoff = None, 0.2
-                    if event.sequence <= last:
+                    if message.sequence <= last:
                         continue  # never repeat an event
-                    last = event.sequence
+                    last = message.sequence
+                    event = convert.event_from_proto(message)
                     yield event
-                    if event.HasField("state_change") and (
-                        event.state_change.state in TERMINAL_STATES
-                    ):
+                    if event.state in TERMINAL_STATES:
                         return
                 # Resumed past the terminal event, the stream ends at once; any other
                 # end without one is the server going away: resume as after an error.
-                if self._unary(
-                    self._stub.GetJob, pb.GetJobRequest(job_id=job_id), raw=True
-                ).state in (TERMINAL_STATES):
+                job = self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), raw=True)
+                if convert.state_from_proto(job.state) in TERMINAL_STATES:
                     return
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:  # type: ignore[attr-defined]
@@ -229,13 +233,13 @@ class JobClient:
         finally:
             stream.cancel()
 
-    def wait(self, job_id: str, *, timeout_s: float | None = None) -> pb.Job:
+    def wait(self, job_id: str, *, timeout_s: float | None = None) -> JobRecord:
         """Block until the job reaches a terminal state; return it."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for event in self.watch(job_id):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            if event.HasField("state_change") and event.state_change.state in TERMINAL_STATES:
+            if event.state in TERMINAL_STATES:
                 break
         return self.get(job_id)
 

@@ -15,9 +15,7 @@ Mapping rules:
 * ``task_args`` travels as a ``google.protobuf.Struct``, whose numbers are
   doubles: integral values become ``int`` again on the way in;
 * times are epoch seconds (``float``) in the domain, ``Timestamp`` on the wire;
-* :func:`message_to_json` is proto3 JSON with the types a person wrote: int64
-  fields as JSON numbers (proto3 JSON writes them as strings) and a Struct's
-  integral doubles as integers.
+* the API's JSON form (``trainctl --json``) lives in :mod:`zerotrain.service.convert_json`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import descriptor, json_format, message, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.errors import SpecError
@@ -35,11 +33,13 @@ from zerotrain.service.spec import JobSpec
 from zerotrain.service.spec_rules import is_number
 
 __all__ = [
+    "checkpoint_from_proto",
     "checkpoint_to_proto",
     "event_from_proto",
     "event_to_proto",
+    "integral_to_int",
+    "job_from_proto",
     "job_to_proto",
-    "message_to_json",
     "metrics_from_proto",
     "metrics_to_proto",
     "spec_dict_from_proto",
@@ -108,8 +108,11 @@ def _to_timestamp(seconds: float, field: str) -> timestamp_pb2.Timestamp:
         or not math.isfinite(seconds)
     ):
         raise ValueError(f"{field}: must be a finite number of epoch seconds, got {seconds!r}")
+    # Whole seconds and the fraction apart: ``seconds * 1e9`` would round to 256 ns at
+    # today's epoch, and the float that comes back would not be the one that went in.
+    whole = math.floor(seconds)
     ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(seconds * 1e9))
+    ts.FromNanoseconds(whole * 1_000_000_000 + round((seconds - whole) * 1e9))
     return ts
 
 
@@ -150,7 +153,7 @@ def _spec_dict(msg: pb.JobSpec) -> tuple[dict[str, Any], list[str]]:
     errors: list[str] = []
     data: dict[str, Any] = {"name": msg.name, "task": msg.task}
     if msg.HasField("task_args"):
-        data["task_args"] = _integral_to_int(json_format.MessageToDict(msg.task_args))
+        data["task_args"] = integral_to_int(json_format.MessageToDict(msg.task_args))
     if msg.labels:
         data["labels"] = dict(msg.labels)
     for section in _SECTIONS:
@@ -203,58 +206,15 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
     return msg
 
 
-def _integral_to_int(value: Any) -> Any:
+def integral_to_int(value: Any) -> Any:
+    """``value`` with integral floats (a ``Struct``'s numbers are doubles) as ``int``."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     if isinstance(value, dict):
-        return {k: _integral_to_int(v) for k, v in value.items()}
+        return {k: integral_to_int(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_integral_to_int(v) for v in value]
+        return [integral_to_int(v) for v in value]
     return value
-
-
-# ----------------------------------------------------------------------------- JSON
-_INT64_TYPES = frozenset(
-    {
-        descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
-        descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
-        descriptor.FieldDescriptor.TYPE_SFIXED64,
-    }
-)  # fmt: skip
-
-
-def message_to_json(msg: message.Message) -> dict[str, Any]:
-    """A message as a JSON-ready dict: proto3 JSON with the proto field names as keys
-    (fields at their default value omitted), int64 fields as numbers, and integral
-    numbers inside a ``Struct`` (``task_args``) as integers."""
-    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    return _typed_json(msg.DESCRIPTOR, data)
-
-
-def _typed_json(desc: descriptor.Descriptor, data: dict[str, Any]) -> dict[str, Any]:
-    for fd in desc.fields:
-        if fd.name in data:
-            data[fd.name] = _typed_value(fd, data[fd.name])
-    return data
-
-
-def _typed_value(fd: descriptor.FieldDescriptor, value: Any) -> Any:
-    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        value_fd = fd.message_type.fields_by_name["value"]
-        return {k: _typed_scalar(value_fd, v) for k, v in value.items()}
-    if fd.is_repeated:
-        return [_typed_scalar(fd, v) for v in value]
-    return _typed_scalar(fd, value)
-
-
-def _typed_scalar(fd: descriptor.FieldDescriptor, value: Any) -> Any:
-    if fd.message_type is None:
-        return int(value) if fd.type in _INT64_TYPES else value
-    if fd.message_type.full_name == "google.protobuf.Struct":
-        return _integral_to_int(value)
-    if fd.message_type.full_name.startswith("google.protobuf."):
-        return value  # Timestamp, Value, ...: their JSON forms are already right
-    return _typed_json(fd.message_type, value)
 
 
 # ---------------------------------------------------------------------------- state
@@ -294,6 +254,11 @@ def checkpoint_to_proto(info: CheckpointInfo | Mapping[str, Any]) -> pb.Checkpoi
     if time is not None:
         msg.time.CopyFrom(_to_timestamp(time, "checkpoint.time"))
     return msg
+
+
+def checkpoint_from_proto(msg: pb.Checkpoint) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of a ``Checkpoint`` message (an unset time reads as 0)."""
+    return CheckpointInfo(step=msg.step, path=msg.path, time=_from_timestamp(msg.time))
 
 
 def metrics_to_proto(record: Mapping[str, Any]) -> pb.MetricsRecord:
@@ -397,6 +362,51 @@ def job_to_proto(record: JobRecord) -> pb.Job:
     if record.checkpoint is not None:
         msg.checkpoint.CopyFrom(checkpoint_to_proto(record.checkpoint))
     return msg
+
+
+# Serialized spec message -> spec, the client's side of the cache above:
+# validating a spec costs ~150 us, and a page of ListJobs repeats few distinct specs.
+_SPECS: dict[bytes, JobSpec] = {}
+
+
+def _spec_of_message(msg: pb.JobSpec) -> JobSpec:
+    key = msg.SerializeToString(deterministic=True)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = spec_from_proto(msg)
+        if len(_SPECS) >= _SPEC_MESSAGES_MAX:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
+
+
+def job_from_proto(msg: pb.Job) -> JobRecord:
+    """The :class:`JobRecord` of a ``Job`` message (client side).
+
+    The spec goes through :func:`spec_from_proto`, the rules the server applied
+    when it accepted the job, so it is the same :class:`JobSpec`; a custom task
+    (``package.module:function``) passes them, since whether one may run is the
+    server's decision at submission, not a rule of the spec. Raises
+    ``ValueError`` for a job without a state.
+    """
+    state = state_from_proto(msg.state)
+    if state is None:
+        raise ValueError(f"job {msg.job_id}: state is JOB_STATE_UNSPECIFIED")
+
+    def when(name: str) -> float | None:
+        return _from_timestamp(getattr(msg, name)) if msg.HasField(name) else None
+
+    return JobRecord(
+        job_id=msg.job_id, owner=msg.owner, spec=_spec_of_message(msg.spec), state=state,
+        state_reason=msg.state_reason, created_at=_from_timestamp(msg.created_at),
+        updated_at=_from_timestamp(msg.updated_at), started_at=when("started_at"),
+        finished_at=when("finished_at"), attempt=msg.attempt,
+        latest_metrics=(
+            metrics_from_proto(msg.latest_metrics) if msg.HasField("latest_metrics") else None
+        ),
+        checkpoint=checkpoint_from_proto(msg.checkpoint) if msg.HasField("checkpoint") else None,
+        idempotency_key=msg.idempotency_key or None, ray_job_id=msg.ray_job_id or None,
+    )  # fmt: skip
 
 
 def event_to_proto(event: JobEvent) -> pb.JobEvent:

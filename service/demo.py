@@ -26,12 +26,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.app import Service, ray_temp_dir
 from zerotrain.service.cli_views import watch_job
 from zerotrain.service.client import JobClient
 from zerotrain.service.config import ServerConfig
 from zerotrain.service.history import NoMetrics, fetch_history
+from zerotrain.service.model import JobState
 from zerotrain.service.plot import PlotUnavailable, plot_history
 
 __all__ = ["main"]
@@ -99,17 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             job = watch_job(client, job.job_id, console)
 
             console.print()
-            if job.HasField("latest_metrics"):
-                m = job.latest_metrics
-                accuracy = f", accuracy {m.accuracy:.3f}" if m.HasField("accuracy") else ""
-                console.print(f"[bold]final[/]: step {m.step}, loss {m.loss:.4f}{accuracy}")
+            if (m := job.latest_metrics) is not None:
+                accuracy = f", accuracy {m['accuracy']:.3f}" if "accuracy" in m else ""
+                loss = m.get("loss", 0.0)
+                console.print(f"[bold]final[/]: step {m.get('step', 0)}, loss {loss:.4f}{accuracy}")
             console.print("[bold]Prometheus sample[/] (what Grafana's dashboard plots):")
             for line in _scrape(service.metrics_port or 0)[:14]:
                 console.print(f"  {line}", markup=False)
             console.print("\n[bold]where things are[/]:")
             console.print(f"  job records and every metrics event: {data_dir / 'jobs.db'} (SQLite)")
             console.print(f"  checkpoints: {data_dir / 'runs' / job.job_id}")
-            if job.HasField("checkpoint"):
+            if job.checkpoint is not None:
                 console.print(
                     f"  last checkpoint: step {job.checkpoint.step} at {job.checkpoint.path}"
                 )
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
                 stop.wait()
-        succeeded = job.state == pb.JOB_STATE_SUCCEEDED
+        succeeded = job.state == JobState.SUCCEEDED
     finally:
         console.print("\nshutting down ...")
         service.stop()

@@ -71,22 +71,19 @@ def fetch_history(client: JobClient, job_id: str) -> MetricsHistory:
         zerotrain.service.client.ApiError: e.g. NOT_FOUND for an unknown job id.
         NoMetrics: the job has not reported any metrics yet.
     """
-    from zerotrain.service import convert
     from zerotrain.service.client import TERMINAL_STATES
 
     job = client.get(job_id)
-    state = convert.state_name(job.state)
-    spec = convert.spec_dict_from_proto(job.spec)
-    if not job.HasField("latest_metrics"):
+    state = job.state.value
+    latest = job.latest_metrics
+    if latest is None:
         raise NoMetrics(f"job {job_id} has no metrics records yet ({state}); nothing to plot")
-    latest = convert.metrics_from_proto(job.latest_metrics)
     newest = (latest.get("attempt", 0), latest.get("step", 0))
     events = []
-    for message in client.watch(job_id):
-        event = convert.event_from_proto(message)
+    for event in client.watch(job_id):
         events.append(event)
         if job.state in TERMINAL_STATES or event.metrics is None:
             continue
         if (event.attempt, event.metrics.get("step", 0)) >= newest:
             break
-    return history_from_events(job_id, state, spec, events)
+    return history_from_events(job_id, state, job.spec.to_dict(), events)

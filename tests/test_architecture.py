@@ -5,6 +5,9 @@
   function or behind a type check is still two rooms that need each other.
 * No module over :data:`MAX_LINES` lines, except generated code in ``service/api``.
 * ``optim`` is pure maths plus sharding: it never imports the service, Ray or gRPC.
+* Protobuf stays at the edge: only the modules of :data:`API_EDGE` import the
+  generated code (``zerotrain.service.api``); everything else, the job manager
+  and ``trainctl`` included, works on the domain types.
 """
 
 from __future__ import annotations
@@ -20,6 +23,20 @@ PACKAGES = ("optim", "service")
 MAX_LINES = 450
 GENERATED = ROOT / "service" / "api" / "zerotrain"
 """``make generate`` output (protobuf and gRPC stubs): exempt from the size rule."""
+
+
+API = "zerotrain.service.api"
+API_EDGE = frozenset(
+    {
+        "zerotrain.service.convert",  # protobuf <-> domain, both directions
+        "zerotrain.service.servicer",  # requests in, replies out
+        "zerotrain.service.server",  # registers the servicer on a grpc.Server
+        "zerotrain.service.client",  # JobClient: stubs inside, domain types out
+        "zerotrain.service.ingest_client",  # GrpcSink: the workers' ReportMetrics client
+    }
+)
+"""The modules of ``zerotrain.service`` (besides ``zerotrain.service.api`` itself) that may
+import the generated protobuf and gRPC code."""
 
 
 def _modules() -> dict[str, Path]:
@@ -150,3 +167,27 @@ def test_optim_knows_nothing_of_the_service():
             if any(imported == f or imported.startswith(f + ".") for f in forbidden):
                 offenders.append(f"{name} imports {imported}")
     assert not offenders, offenders
+
+
+def _api_importers(modules: dict[str, Path]) -> dict[str, list[str]]:
+    """Module -> the names of ``zerotrain.service.api`` it imports (outside the api package)."""
+    found = {}
+    for name, path in modules.items():
+        if name == API or name.startswith(API + "."):
+            continue
+        hits = sorted(
+            {i for i in _imported_names(name, path) if i == API or i.startswith(API + ".")}
+        )
+        if hits:
+            found[name] = hits
+    return found
+
+
+def test_protobuf_stays_at_the_edge():
+    gone = API_EDGE - set(MODULES)
+    assert not gone, f"API_EDGE names modules that are gone: {sorted(gone)}"
+    offenders = {n: hits for n, hits in _api_importers(MODULES).items() if n not in API_EDGE}
+    assert not offenders, (
+        "generated protobuf code imported outside the edge (convert it with "
+        f"zerotrain.service.convert, or use JobClient): {offenders}"
+    )

@@ -73,10 +73,10 @@ def test_two_node_cluster_has_two_nodes(two_node_cluster):
 def test_spread_job_through_the_service_runs_one_worker_per_node(
     two_node_cluster, tmp_path: Path, monkeypatch
 ):
-    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
     from zerotrain.service.app import Service
     from zerotrain.service.client import JobClient
     from zerotrain.service.config import ServerConfig
+    from zerotrain.service.model import JobState
 
     # The service reaches the token-protected cluster the way a deployment does:
     # RAY_AUTH_MODE=token and the cluster's token (here by path).
@@ -102,8 +102,8 @@ def test_spread_job_through_the_service_runs_one_worker_per_node(
             job = client.submit(SPEC)
             started = time.monotonic()
             final = client.wait(job.job_id, timeout_s=400)
-        assert final.state == pb.JOB_STATE_SUCCEEDED, (
-            f"{pb.JobState.Name(final.state)}: {final.state_reason} "
+        assert final.state == JobState.SUCCEEDED, (
+            f"{final.state.value}: {final.state_reason} "
             f"after {time.monotonic() - started:.0f}s"
         )
     finally:

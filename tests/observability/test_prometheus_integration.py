@@ -127,10 +127,10 @@ def _finite_values(result: list[dict]) -> list[float]:
 def test_every_dashboard_query_returns_data(
     prometheus_bin, promtool, ray_cluster: str, tmp_path: Path, monkeypatch
 ):
-    from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
     from zerotrain.service.app import Service
     from zerotrain.service.client import JobClient
     from zerotrain.service.config import ServerConfig
+    from zerotrain.service.model import JobState
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     tokens = tmp_path / "tokens.yaml"
@@ -165,7 +165,7 @@ def test_every_dashboard_query_returns_data(
                 done.set()
                 poller.join(timeout=30)
             for final in finals:
-                assert final.state == pb.JOB_STATE_SUCCEEDED, final.state_reason
+                assert final.state == JobState.SUCCEEDED, final.state_reason
 
         # Prometheus scraped throughout; wait until it has seen the end state.
         job_ids = {job.job_id for job in jobs}

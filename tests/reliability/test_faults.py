@@ -35,6 +35,7 @@ import yaml
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.client import ApiError, JobClient
 from zerotrain.service.local_ray import LocalRay, start_local_ray
+from zerotrain.service.model import JobRecord, JobState
 from zerotrain.service.ray_jobs import RayJobs
 
 from .service_process import RawWatcher, ServiceProcess, job_processes, scrape, wait_for
@@ -99,8 +100,8 @@ class Env:
         path = self.run_dir(job_id) / "workers" / f"attempt-{attempt}-rank-{rank}.json"
         return json.loads(path.read_text())["pid"]
 
-    def wait_state(self, job_id: str, states: set[int], timeout_s: float = 240) -> pb.Job:
-        def reached() -> pb.Job | None:
+    def wait_state(self, job_id: str, states: set[JobState], timeout_s: float = 240) -> JobRecord:
+        def reached() -> JobRecord | None:
             job = self.client.get(job_id)
             return job if job.state in states else None
 
@@ -215,14 +216,14 @@ def job_a(env: Env) -> dict[str, Any]:
     watcher.start()
 
     def training() -> bool:
-        job = env.client.get(job_id)
-        return job.HasField("latest_metrics") and job.latest_metrics.step >= 20
+        metrics = env.client.get(job_id).latest_metrics
+        return metrics is not None and metrics["step"] >= 20
 
     t0 = time.monotonic()
     wait_for(training, 240, f"job {job_id} to train 20 steps", poll_s=0.1)
     FIGURES["submit_to_step_20_s"] = round(time.monotonic() - t0, 1)
     pids = [env.worker_pid(job_id, 1, rank) for rank in (0, 1)]
-    step_at_kill = env.admin.get(job_id).latest_metrics.step
+    step_at_kill = env.admin.get(job_id).latest_metrics["step"]
     killed_at = time.time()
     env.service.kill()
     time.sleep(3.0)  # the workers keep training with nobody to report to
@@ -232,12 +233,12 @@ def job_a(env: Env) -> dict[str, Any]:
     # Re-attached: the new process reports Ray's view of the job (RUNNING, or SUCCEEDED if
     # it finished while the service was down).
     reattached = wait_for(
-        lambda: env.client.get(job_id).state in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED),
+        lambda: env.client.get(job_id).state in (JobState.RUNNING, JobState.SUCCEEDED),
         60,
         "re-attach",
     )
     reattach_s = time.time() - restarted_at
-    job = env.wait_state(job_id, {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED})
+    job = env.wait_state(job_id, {JobState.SUCCEEDED, JobState.FAILED})
     FIGURES["restart_to_job_end_s"] = round(time.time() - restarted_at, 1)
     watcher.join(timeout=60)
     FIGURES["service_restart_to_serving_s"] = round(serve_s, 2)
@@ -258,8 +259,8 @@ def job_a(env: Env) -> dict[str, Any]:
 
 def test_service_sigkill_mid_job_loses_nothing(env: Env, job_a: dict[str, Any]) -> None:
     job_id, job, watcher = job_a["job_id"], job_a["job"], job_a["watcher"]
-    assert job.state == pb.JOB_STATE_SUCCEEDED, job.state_reason
-    assert job.attempt == 1 and job.latest_metrics.final and job.latest_metrics.step == STEPS
+    assert job.state == JobState.SUCCEEDED, job.state_reason
+    assert job.attempt == 1 and job.latest_metrics["final"] and job.latest_metrics["step"] == STEPS
     # The workers were not disturbed by the service dying: same processes, kept training.
     assert job_a["alive_while_down"], "a worker died while the service was down"
     assert [env.worker_pid(job_id, 1, r) for r in (0, 1)] == job_a["pids"]
@@ -301,11 +302,11 @@ def test_worker_sigkill_resumes_exactly(env: Env, job_a: dict[str, Any]) -> None
     victim = env.worker_pid(job_id, 1, 1)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    job = env.wait_state(job_id, {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED})
+    job = env.wait_state(job_id, {JobState.SUCCEEDED, JobState.FAILED})
     watcher.join(timeout=60)
     FIGURES["worker_kill_to_success_s"] = round(time.monotonic() - killed_at, 1)
 
-    assert job.state == pb.JOB_STATE_SUCCEEDED, job.state_reason
+    assert job.state == JobState.SUCCEEDED, job.state_reason
     # The restart is visible: GetJob, WatchJob (a state event and attempt-2 records), metrics.
     assert job.attempt == 2
     assert env.worker_pid(job_id, 2, 1) != victim
@@ -333,21 +334,23 @@ def test_cancel_leaves_no_process_and_frees_resources(env: Env) -> None:
     """Cancel mid-run: within 10 s no process of the job is left (by the process
     table, not Ray's word); the next job gets the CPUs and fails with its task's error."""
     job_id = env.submit(spec_with(training={"max_steps": 1_000_000, "checkpoint_every": 0}))
-    wait_for(
-        lambda: env.client.get(job_id).latest_metrics.step >= 10, 300, f"job {job_id} to train"
-    )
+    def training() -> bool:
+        metrics = env.client.get(job_id).latest_metrics
+        return metrics is not None and metrics["step"] >= 10
+
+    wait_for(training, 300, f"job {job_id} to train")
     processes = job_processes(job_id)
     pids = {p.pid for p in processes}
     assert {env.worker_pid(job_id, 1, r) for r in (0, 1)} <= pids, "workers not found by env"
     cancelled_at = time.monotonic()
-    assert env.client.cancel(job_id).state in (pb.JOB_STATE_CANCELLING, pb.JOB_STATE_CANCELLED)
+    assert env.client.cancel(job_id).state in (JobState.CANCELLING, JobState.CANCELLED)
     shared_host = _ray_clusters_on_host() > 1
     _wait_no_processes(job_id, 10, ignore=(PG_CLEANER,) if shared_host else ())
     FIGURES["cancel_to_no_process_s"] = round(time.monotonic() - cancelled_at, 2)
     FIGURES["cancel_ray_clusters_on_host"] = _ray_clusters_on_host()
     FIGURES["cancel_detached_pg_cleaner_left"] = bool(job_processes(job_id))
     FIGURES["cancel_processes_checked"] = len(pids)
-    job = env.wait_state(job_id, {pb.JOB_STATE_CANCELLED}, timeout_s=30)
+    job = env.wait_state(job_id, {JobState.CANCELLED}, timeout_s=30)
     FIGURES["cancel_to_cancelled_state_s"] = round(time.monotonic() - cancelled_at, 2)
     assert job.state_reason == "cancelled by request"
     with pytest.raises(ApiError) as err:
@@ -370,10 +373,10 @@ def test_cancel_leaves_no_process_and_frees_resources(env: Env) -> None:
             training={"max_failures": 0, "checkpoint_every": 0},
         )
     )
-    job = env.wait_state(failing, {pb.JOB_STATE_FAILED, pb.JOB_STATE_SUCCEEDED}, timeout_s=300)
-    assert job.state == pb.JOB_STATE_FAILED
+    job = env.wait_state(failing, {JobState.FAILED, JobState.SUCCEEDED}, timeout_s=300)
+    assert job.state == JobState.FAILED
     assert "faulty task: injected failure at step 3" in job.state_reason, job.state_reason
-    assert job.started_at.seconds > 0  # it did get its workers
+    assert job.started_at is not None and job.started_at >= 1  # it did get its workers
     _wait_no_processes(failing, 10)
 
 
@@ -394,10 +397,10 @@ def test_corrupted_checkpoint_is_detected_never_loaded(env: Env) -> None:
             del data[len(data) // 2 :]  # torn
         target.write_bytes(bytes(data))
     os.kill(env.worker_pid(job_id, 1, 1), signal.SIGKILL)
-    job = env.wait_state(job_id, {pb.JOB_STATE_FAILED, pb.JOB_STATE_SUCCEEDED}, timeout_s=300)
-    assert job.state == pb.JOB_STATE_FAILED, "the job resumed from a corrupted checkpoint"
+    job = env.wait_state(job_id, {JobState.FAILED, JobState.SUCCEEDED}, timeout_s=300)
+    assert job.state == JobState.FAILED, "the job resumed from a corrupted checkpoint"
     assert "model.pt is corrupted (SHA-256 mismatch" in job.state_reason, job.state_reason
-    assert job.latest_metrics.attempt == 1, "training went on after the corrupt load"
+    assert job.latest_metrics["attempt"] == 1, "training went on after the corrupt load"
     _wait_no_processes(job_id, 10)
 
 
@@ -412,16 +415,16 @@ def test_failed_checkpoint_write_fails_the_job_and_keeps_earlier_ones(env: Env) 
     run_dir = env.run_dir(job_id)
     mounted = _read_only(run_dir)
     try:
-        job = env.wait_state(job_id, {pb.JOB_STATE_FAILED, pb.JOB_STATE_SUCCEEDED}, timeout_s=300)
+        job = env.wait_state(job_id, {JobState.FAILED, JobState.SUCCEEDED}, timeout_s=300)
     finally:
         if mounted:
             subprocess.run(["umount", str(run_dir)], check=True)
-    assert job.state == pb.JOB_STATE_FAILED
+    assert job.state == JobState.FAILED
     reason = job.state_reason
     assert "Read-only file system" in reason or "Not a directory" in reason, reason
     # The last checkpoint it reported was written before the fault, and is intact.
     first = job.checkpoint.step
-    assert CHECKPOINT_EVERY <= first < STEPS and job.latest_metrics.step < STEPS
+    assert CHECKPOINT_EVERY <= first < STEPS and job.latest_metrics["step"] < STEPS
     earlier = run_dir / f"checkpoint_{first:08d}"
     verify_checksums(earlier)  # every file of the earlier checkpoint is intact
     torch.load(earlier / "model.pt")

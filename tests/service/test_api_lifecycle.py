@@ -23,10 +23,10 @@ from api_support import TOKENS, hermetic_client_env, make_auth, make_pki  # noqa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zerotrain.service import cli
-from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.auth import Authenticator
 from zerotrain.service.client import ApiError, JobClient
 from zerotrain.service.jobs import JobManager
+from zerotrain.service.model import JobEvent, JobState
 from zerotrain.service.ray_jobs import RayJobs
 from zerotrain.service.server import create_server, stop_server
 from zerotrain.service.store import JobStore
@@ -102,7 +102,7 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     return value
 
 
-def _state(api: Api, job_id: str) -> int | None:
+def _state(api: Api, job_id: str) -> JobState | None:
     try:
         return api.client().get(job_id).state
     except ApiError as exc:
@@ -110,18 +110,14 @@ def _state(api: Api, job_id: str) -> int | None:
         return None
 
 
-def kinds(events: list[pb.JobEvent]) -> list[str]:
-    return [
-        pb.JobState.Name(e.state_change.state).removeprefix("JOB_STATE_")
-        if e.HasField("state_change") else "metrics"
-        for e in events
-    ]  # fmt: skip
+def kinds(events: list[JobEvent]) -> list[str]:
+    return [e.state.value if e.kind == "state" else "metrics" for e in events]
 
 
 def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api, capsys):
     client = api.client()
     job = client.submit(job_spec("lifecycle", max_steps=20))
-    assert job.state in (pb.JOB_STATE_PENDING, pb.JOB_STATE_RUNNING) and job.owner == "alice"
+    assert job.state in (JobState.PENDING, JobState.RUNNING) and job.owner == "alice"
 
     # A first watcher stops after three events; a second resumes from the last
     # sequence it saw; together they must equal one uninterrupted watch.
@@ -136,19 +132,19 @@ def test_full_lifecycle_with_metrics_logs_and_resumed_watch(api: Api, capsys):
     assert [e.sequence for e in whole] == list(range(1, len(whole) + 1))
     names = kinds(whole)
     assert names[:2] == ["PENDING", "RUNNING"] and names[-1] == "SUCCEEDED"
-    steps = [e.metrics.step for e in whole if e.HasField("metrics")]
+    steps = [e.metrics["step"] for e in whole if e.kind == "metrics"]
     assert steps == sorted(steps) and steps[-1] == 20 and len(steps) >= 4
-    assert whole[-2].HasField("metrics") and whole[-2].metrics.final  # final record, then terminal
+    assert whole[-2].kind == "metrics" and whole[-2].metrics["final"]  # final record, then terminal
 
     done = client.get(job.job_id)
-    assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempt == 1
+    assert done.state == JobState.SUCCEEDED and done.attempt == 1
     m = done.latest_metrics
-    assert m.final and m.step == 20 and m.world_size == 2
-    assert 0.0 < m.loss < 3.0 and 0.0 <= m.accuracy <= 1.0 and m.samples_per_second > 0
-    assert set(m.phase_seconds) >= {"forward", "backward", "optimizer"}
-    assert "grad_norm" in m.optimizer and len(m.state_bytes_per_rank) == 2
-    assert done.HasField("checkpoint") and done.checkpoint.step == 20
-    assert done.finished_at.ToNanoseconds() >= done.started_at.ToNanoseconds() > 0
+    assert m["final"] and m["step"] == 20 and m["world_size"] == 2
+    assert 0.0 < m["loss"] < 3.0 and 0.0 <= m["accuracy"] <= 1.0 and m["samples_per_second"] > 0
+    assert set(m["phase_seconds"]) >= {"forward", "backward", "optimizer"}
+    assert "grad_norm" in m["optimizer"] and len(m["state_bytes_per_rank"]) == 2
+    assert done.checkpoint is not None and done.checkpoint.step == 20
+    assert done.finished_at >= done.started_at > 0
     logs = list(client.logs(job.job_id))
     assert any("ZEROTRAIN_METRICS" in line for line in logs), logs[-20:]
     # A watch that starts after the end replays everything and ends.
@@ -181,9 +177,9 @@ def test_cancel_idempotency_and_unschedulable(api: Api):
     job = client.submit(job_spec("to-cancel", max_steps=100_000), idempotency_key="cancel-me")
     again = client.submit(job_spec("to-cancel", max_steps=100_000), idempotency_key="cancel-me")
     assert again.job_id == job.job_id
-    wait_for(lambda: client.get(job.job_id).state == pb.JOB_STATE_RUNNING, what="RUNNING")
+    wait_for(lambda: client.get(job.job_id).state == JobState.RUNNING, what="RUNNING")
     cancelled = client.cancel(job.job_id)
-    assert cancelled.state in (pb.JOB_STATE_CANCELLING, pb.JOB_STATE_CANCELLED)
+    assert cancelled.state in (JobState.CANCELLING, JobState.CANCELLED)
     events = list(client.watch(job.job_id))
     assert kinds(events)[-1] == "CANCELLED"
     with pytest.raises(ApiError) as info:
@@ -208,13 +204,13 @@ def test_service_restart_mid_job(ray_jobs: RayJobs, tmp_path: Path):
 
     # One watch() stays open across the restart: the client reconnects and
     # resumes by sequence number.
-    events: list[pb.JobEvent] = []
+    events: list[JobEvent] = []
     training = threading.Event()
 
     def watcher() -> None:
         for event in client.watch(job.job_id):
             events.append(event)
-            if event.HasField("metrics"):
+            if event.kind == "metrics":
                 training.set()
 
     thread = threading.Thread(target=watcher, daemon=True)
@@ -228,14 +224,14 @@ def test_service_restart_mid_job(ray_jobs: RayJobs, tmp_path: Path):
         # Fresh calls fail fast until the channel's reconnect backoff (the port was
         # refusing connections a moment ago) lets it through: retry briefly.
         assert wait_for(lambda: _state(second, job.job_id), 30, "the restarted server") == (
-            pb.JOB_STATE_RUNNING
+            JobState.RUNNING
         )
         thread.join(180)
         assert not thread.is_alive(), f"watch did not end: {kinds(events)}"
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
         assert kinds(events)[-1] == "SUCCEEDED"
         done = second.client().get(job.job_id)
-        assert done.latest_metrics.final and done.latest_metrics.step == 30
+        assert done.latest_metrics["final"] and done.latest_metrics["step"] == 30
         # Tracked once: not lost, not duplicated.
         assert [j.job_id for j in second.client().list_all()] == [job.job_id]
     finally:

@@ -15,8 +15,9 @@ from zerotrain.service import cli, convert
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.auth import Authenticator, TokenFileError, load_tokens
 from zerotrain.service.config import ConfigError, ServerConfig, load_client_config
+from zerotrain.service.convert_json import job_to_json, message_to_json
 from zerotrain.service.errors import SpecError
-from zerotrain.service.model import JobEvent, JobState
+from zerotrain.service.model import CheckpointInfo, JobEvent, JobRecord, JobState
 from zerotrain.service.spec import JobSpec
 
 # ---------------------------------------------------------------- converters
@@ -107,6 +108,34 @@ def test_events_round_trip():
                        metrics={**RECORD, "time": 6.0, "checkpoint": None}, attempt=2)  # fmt: skip
     back = convert.event_from_proto(convert.event_to_proto(metrics))
     assert back.sequence == 4 and back.metrics["step"] == 20 and back.kind == "metrics"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [SPECS[1], {"name": "custom", "task": "faulty_tasks:paced_digits", "task_args": {"x": 1}}],
+    ids=["builtin", "custom-task"],
+)
+def test_jobs_round_trip_and_json_is_the_servers(spec):
+    """What a client makes of a ``Job`` message is the server's record, custom tasks included,
+    and its JSON (``trainctl --json``) is the server message's, byte for byte."""
+    record = JobRecord(
+        job_id="j-1", owner="alice", spec=JobSpec.from_dict(spec), state=JobState.RUNNING,
+        state_reason="", created_at=1764100000.123456, updated_at=1764100001.5,
+        started_at=1764100000.987654321, finished_at=None, attempt=2,
+        latest_metrics=RECORD,
+        checkpoint=CheckpointInfo(step=20, path="/runs/j-1/step-20", time=1764100000.5),
+        idempotency_key=None, ray_job_id="j-1",
+    )  # fmt: skip
+    wire = pb.Job.FromString(convert.job_to_proto(record).SerializeToString())
+    back = convert.job_from_proto(wire)
+    assert back == record
+    assert json.dumps(job_to_json(back)) == json.dumps(message_to_json(wire))
+    assert message_to_json(wire)["spec"]["task"] == spec["task"]
+
+
+def test_a_job_without_a_state_is_refused():
+    with pytest.raises(ValueError, match="JOB_STATE_UNSPECIFIED"):
+        convert.job_from_proto(pb.Job(job_id="j", spec=pb.JobSpec(name="n", task="digits")))
 
 
 # ------------------------------------------------------------------- tokens
