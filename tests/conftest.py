@@ -34,6 +34,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 _RAY_FIXTURES = {"ray_head", "ray_cluster", "ray_address"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark every test that uses a Ray cluster fixture ``ray`` (``make test-fast`` skips them).
 
