@@ -232,7 +232,9 @@ def _checkpoint(
     if when is not None and not is_number(when):
         errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
         ok = False
-    return RecordCheckpoint(step=raw["step"], path=path, time=when) if ok else None
+    if not ok or not isinstance(path, str):
+        return None
+    return RecordCheckpoint(step=raw["step"], path=path, time=when)
 
 
 def _check_sizes(value: Mapping, where: str, errors: list[str]) -> None:
