@@ -32,21 +32,23 @@ import grpc
 from prometheus_client import generate_latest
 
 from zerotrain.service.metrics import MetricsInterceptor, ServiceMetrics
+from zerotrain.service.records import MetricsRecord
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_overhead.json"
 
 
-def _record(job_id: str, step: int) -> dict:
+def _record(job_id: str, step: int) -> MetricsRecord:
     stats = {"step": float(step), "lr": 1e-3, "grad_norm": 1.0, "param_norm": 5.0,
              "update_norm": 0.01, "update_param_ratio": 0.002, "state_bytes_per_rank": 8e5,
              "skipped_steps": 0.0, "nadam_mu_t": 0.9, "nadam_mu_product": 0.8,
              "nadam_bias_correction1": 0.1, "nadam_bias_correction2": 0.01,
              "nadam_sqrt_v_hat_mean": 0.05}  # fmt: skip
-    return {"job_id": job_id, "attempt": 1, "step": step, "time": time.time(), "rank": 0,
-            "world_size": 2, "loss": 1.0, "accuracy": 0.5, "samples_per_second": 100.0,
-            "lr": 1e-3, "phase_seconds": dict.fromkeys(("data", "forward", "backward",
-            "communication", "optimizer"), 0.01), "optimizer": stats,
-            "state_bytes_per_rank": [800000, 800000], "final": False}  # fmt: skip
+    fields = {"job_id": job_id, "attempt": 1, "step": step, "time": time.time(), "rank": 0,
+              "world_size": 2, "loss": 1.0, "accuracy": 0.5, "samples_per_second": 100.0,
+              "lr": 1e-3, "phase_seconds": dict.fromkeys(("data", "forward", "backward",
+              "communication", "optimizer"), 0.01), "optimizer": stats,
+              "state_bytes_per_rank": [800000, 800000], "final": False}  # fmt: skip
+    return MetricsRecord.from_dict(job_id, fields)
 
 
 def bench_record(n: int = 20_000) -> float:
@@ -54,14 +56,14 @@ def bench_record(n: int = 20_000) -> float:
     records = [_record("j-bench", step) for step in range(1, n + 1)]
     start = time.perf_counter()
     for record in records:
-        metrics.record_training("j-bench", record)
+        metrics.record_training(record)
     return (time.perf_counter() - start) / n * 1e6
 
 
 def bench_scrape(jobs: int, repeats: int = 5) -> tuple[float, int]:
     metrics = ServiceMetrics()
     for i in range(jobs):
-        metrics.record_training(f"j-{i:06d}", _record(f"j-{i:06d}", 10))
+        metrics.record_training(_record(f"j-{i:06d}", 10))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -4,7 +4,8 @@ The servicer turns requests into domain values with the ``*_from_proto``
 functions and builds replies with the ``*_to_proto`` ones; the client and the
 ingest sink use the same functions in the other direction. Nothing here
 validates ranges: :meth:`JobSpec.from_dict` does, so a spec that arrives over
-gRPC gets exactly the checks (and messages) of one loaded from YAML.
+gRPC gets exactly the checks (and messages) of one loaded from YAML; likewise
+:meth:`MetricsRecord.from_dict` for a reported metrics record.
 
 Mapping rules:
 
@@ -29,6 +30,7 @@ from google.protobuf import json_format, timestamp_pb2
 from zerotrain.service.api.zerotrain.v1 import job_service_pb2 as pb
 from zerotrain.service.errors import SpecError
 from zerotrain.service.model import CheckpointInfo, JobEvent, JobRecord, JobState
+from zerotrain.service.records import MetricsRecord
 from zerotrain.service.spec import JobSpec
 from zerotrain.service.spec_rules import is_number
 
@@ -41,6 +43,7 @@ __all__ = [
     "job_from_proto",
     "job_to_proto",
     "metrics_from_proto",
+    "metrics_record_from_proto",
     "metrics_to_proto",
     "spec_dict_from_proto",
     "spec_from_proto",
@@ -319,6 +322,14 @@ def metrics_from_proto(msg: pb.MetricsRecord) -> dict[str, Any]:
     for key, value in msg.extra.items():
         record.setdefault(key, value)
     return record
+
+
+def metrics_record_from_proto(msg: pb.MetricsRecord, job_id: str) -> MetricsRecord:
+    """The validated :class:`MetricsRecord` of ``job_id`` in a ``ReportMetrics`` request.
+
+    Raises :class:`InvalidArgument` naming every bad field.
+    """
+    return MetricsRecord.from_dict(job_id, {**metrics_from_proto(msg), "job_id": job_id})
 
 
 # ----------------------------------------------------------------------- jobs/events

@@ -22,6 +22,7 @@ from typing import Any
 
 from zerotrain.service.ingest_token import remove_token_file
 from zerotrain.service.model import TERMINAL_STATES, CheckpointInfo, JobRecord, JobState
+from zerotrain.service.records import MetricsRecord
 from zerotrain.service.runtime.staging import STAGING_DIR
 from zerotrain.service.store import JobStore
 
@@ -120,21 +121,19 @@ class JobWriter:
 
     def append_metrics(
         self,
-        job_id: str,
-        record: dict,
+        record: MetricsRecord,
         *,
         now: float,
-        attempt: int,
         checkpoint: CheckpointInfo | None,
         append_event: bool,
     ) -> None:
-        """Store a metrics record; see :meth:`JobStore.append_metrics`."""
+        """Store a metrics record as its JSON object; see :meth:`JobStore.append_metrics`."""
         with self.lock:
             self.store.append_metrics(
-                job_id,
-                record,
+                record.job_id,
+                record.to_dict(),
                 now=now,
-                attempt=attempt,
+                attempt=record.attempt,
                 checkpoint=checkpoint,
                 append_event=append_event,
             )

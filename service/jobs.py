@@ -45,6 +45,7 @@ from zerotrain.service.job_writer import JobWriter
 from zerotrain.service.model import JobEvent, JobRecord, JobState
 from zerotrain.service.ray_jobs import RayJobs, runtime_entrypoint
 from zerotrain.service.reconciler import Reconciler
+from zerotrain.service.records import MetricsRecord
 from zerotrain.service.spec import JobSpec
 from zerotrain.service.store import JobStore
 from zerotrain.service.submission import EntrypointFactory, Submissions
@@ -265,24 +266,24 @@ class JobManager:
         """
         return self._streams.logs(job_id, follow=follow, stop=stop)
 
-    def ingest(self, job_id: str, record: dict) -> None:
-        """Take a metrics record from a worker (see the metrics record contract).
+    def ingest(self, record: MetricsRecord) -> None:
+        """Take a validated metrics record from a worker (see the metrics record contract).
 
         Appends a ``"metrics"`` event, updates the job's latest metrics, its
-        attempt (``record["attempt"]``) and checkpoint (``record.get("checkpoint")``,
-        ``{step, path[, time]}``, a path inside the job's run directory). A
-        record for a PENDING job moves it to RUNNING; a higher attempt adds a
-        state event for the restart. After the job's terminal event only the
-        ending attempt's own records are taken, for ``metrics_grace_s``
-        (:func:`zerotrain.service.records.check_late_record`); they update the job but
-        add no event.
+        attempt (``record.attempt``) and checkpoint (``record.checkpoint``, a
+        path inside the job's run directory). A record for a PENDING job moves
+        it to RUNNING; a higher attempt adds a state event for the restart.
+        After the job's terminal event only the ending attempt's own records
+        are taken, for ``metrics_grace_s``
+        (:func:`zerotrain.service.ingestion.check_late_record`); they update the
+        job but add no event.
 
         Raises:
             JobNotFound: unknown job.
-            InvalidArgument: the record is malformed (each field named).
+            InvalidArgument: the checkpoint lies outside the job's run directory.
             RecordRefused: the job ended and takes no such record (final).
         """
-        self._ingestion.ingest(job_id, record)
+        self._ingestion.ingest(record)
 
     def run_dir(self, job_id: str) -> Path:
         """Where the job's checkpoints and run files live (Ray Train's experiment dir)."""

@@ -1,7 +1,8 @@
 """The training series' families: which record field feeds which metric, and how.
 
-A worker's metrics record (the "Metrics record" contract in
-docs/ARCHITECTURE.md) becomes one :class:`JobSeries` per job
+A worker's metrics record (a :class:`~zerotrain.service.records.MetricsRecord`,
+validated where it entered; the "Metrics record" contract in
+docs/ARCHITECTURE.md) updates one :class:`JobSeries` per job
 (:meth:`JobSeries.apply`); at scrape time :class:`TrainingCollector` turns
 every job's series into Prometheus families. :mod:`zerotrain.service.metrics` owns the
 registry, the locking, the retention and the HTTP exporter.
@@ -11,21 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from zerotrain.service.records import PHASES
-from zerotrain.service.spec_rules import is_number
+from zerotrain.service.records import PHASES, MetricsRecord
 
 __all__ = [
-    "NUMBER_FIELDS",
     "OPTIMIZER_GAUGES",
     "RECORD_GAUGES",
     "JobSeries",
     "TrainingCollector",
-    "validate_record",
 ]
 
 # Optimizer statistics (ZeroOptimizer.stats() keys) exported as one gauge each:
@@ -73,8 +70,6 @@ RECORD_GAUGES: dict[str, tuple[str, str]] = {
     "attempt": ("zerotrain_training_attempt", "Current attempt (1 + restarts after failures)."),
 }
 
-NUMBER_FIELDS = (*RECORD_GAUGES, "lr", "time")
-
 
 @dataclass
 class JobSeries:
@@ -89,35 +84,34 @@ class JobSeries:
     last_progress: float = 0.0  # wall time (service clock) when the step last advanced
     finished_at: float | None = None  # monotonic time of job_finished()
 
-    def apply(self, record: Mapping[str, Any], now: float) -> None:
-        """Take the values of one (validated) metrics record; ``now`` is the wall time."""
-        optimizer = record.get("optimizer") or {}
+    def apply(self, record: MetricsRecord, now: float) -> None:
+        """Take the values of one metrics record; ``now`` is the wall time."""
+        optimizer = record.optimizer
         for key, (name, _) in RECORD_GAUGES.items():
-            if key in record:
-                self.gauges[name] = float(record[key])
+            value = getattr(record, key)
+            if value is not None:
+                self.gauges[name] = float(value)
         for key, (name, _) in OPTIMIZER_GAUGES.items():
             if key in optimizer:
                 self.gauges[name] = float(optimizer[key])
-        lr = record.get("lr", optimizer.get("lr"))
+        lr = record.lr if record.lr is not None else optimizer.get("lr")
         if lr is not None:
             self.gauges["zerotrain_training_learning_rate"] = float(lr)
         if "skipped_steps" in optimizer:
             self.skipped_steps = float(optimizer["skipped_steps"])
-        phases = record.get("phase_seconds")
-        if phases:
-            self.phases = _bounded_phases(phases)
-        per_rank = record.get("state_bytes_per_rank")
-        if per_rank:
-            self.state_bytes = {rank: float(n) for rank, n in enumerate(per_rank)}
+        if record.phase_seconds:
+            self.phases = _bounded_phases(record.phase_seconds)
+        if record.state_bytes_per_rank:
+            self.state_bytes = {
+                rank: float(n) for rank, n in enumerate(record.state_bytes_per_rank)
+            }
         elif "state_bytes_per_rank" in optimizer:
-            rank = int(record.get("rank", 0))
-            self.state_bytes[rank] = float(optimizer["state_bytes_per_rank"])
-        if "step" in record:
-            step = float(record["step"])
-            if self.last_step is None or step > self.last_step:
-                self.steps_total += step - (self.last_step or 0.0)
-                self.last_progress = now
-            self.last_step = step
+            self.state_bytes[record.rank] = float(optimizer["state_bytes_per_rank"])
+        step = float(record.step)
+        if self.last_step is None or step > self.last_step:
+            self.steps_total += step - (self.last_step or 0.0)
+            self.last_progress = now
+        self.last_step = step
 
 
 class TrainingCollector(Collector):
@@ -202,50 +196,6 @@ class TrainingCollector(Collector):
             restarts.add_metric([job], max(attempt - 1.0, 0.0))
         yield from (step_seconds, phase_seconds, state_bytes, active, last_progress)
         yield from (skipped, steps, restarts)
-
-
-def validate_record(job_id: str, record: Any) -> None:
-    """Raise ``ValueError`` naming every field of ``record`` the families cannot take."""
-    errors: list[str] = []
-    if not isinstance(job_id, str) or not job_id:
-        errors.append(f"job_id: must be a non-empty string, got {job_id!r}")
-    if not isinstance(record, Mapping):
-        raise ValueError(f"record: must be a mapping, got {type(record).__name__}")
-    for key in NUMBER_FIELDS:
-        if key in record and not is_number(record[key]):
-            errors.append(f"record.{key}: must be a number, got {record[key]!r}")
-    if "rank" in record and not (isinstance(record["rank"], int) and record["rank"] >= 0):
-        errors.append(f"record.rank: must be an integer >= 0, got {record['rank']!r}")
-    optimizer = record.get("optimizer")
-    if optimizer is not None:
-        if not isinstance(optimizer, Mapping):
-            errors.append(f"record.optimizer: must be a mapping, got {optimizer!r}")
-        else:
-            for key in (*OPTIMIZER_GAUGES, "lr", "skipped_steps", "state_bytes_per_rank"):
-                if key in optimizer and not is_number(optimizer[key]):
-                    errors.append(
-                        f"record.optimizer.{key}: must be a number, got {optimizer[key]!r}"
-                    )
-    phases = record.get("phase_seconds")
-    if phases is not None:
-        if not isinstance(phases, Mapping):
-            errors.append(f"record.phase_seconds: must be a mapping, got {phases!r}")
-        else:
-            for key, value in phases.items():
-                if not is_number(value) or value < 0:
-                    errors.append(
-                        f"record.phase_seconds.{key}: must be a number >= 0, got {value!r}"
-                    )
-    per_rank = record.get("state_bytes_per_rank")
-    valid_per_rank = isinstance(per_rank, list | tuple) and all(
-        is_number(n) and n >= 0 for n in per_rank
-    )
-    if per_rank is not None and not valid_per_rank:
-        errors.append(
-            f"record.state_bytes_per_rank: must be a list of numbers >= 0, got {per_rank!r}"
-        )
-    if errors:
-        raise ValueError("invalid metrics record: " + "; ".join(errors))
 
 
 def _bounded_phases(phases: Mapping[str, float]) -> dict[str, float]:

@@ -36,7 +36,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from zerotrain.service.metric_families import JobSeries, TrainingCollector, validate_record
+from zerotrain.service.metric_families import JobSeries, TrainingCollector
+from zerotrain.service.records import MetricsRecord
 
 __all__ = [
     "RPC_LATENCY_BUCKETS",
@@ -141,22 +142,19 @@ class ServiceMetrics:
 
     # -- training series --------------------------------------------------------------
 
-    def record_training(self, job_id: str, record: dict) -> None:
-        """Update the job's training series from one metrics record.
+    def record_training(self, record: MetricsRecord) -> None:
+        """Update the job's training series from one (validated) metrics record.
 
-        The record follows the "Metrics record" contract; unknown keys are
-        ignored, so are optimizer statistics without a metric. A record with a
-        field of the wrong type raises :class:`ValueError` naming every bad field
-        and changes nothing. Records for a job that finished are ignored (a late
-        record must not revive series that are being retired).
+        The record follows the "Metrics record" contract; optimizer statistics
+        without a metric are ignored. Records for a job that finished are
+        ignored (a late record must not revive series that are being retired).
         """
-        validate_record(job_id, record)
         now_wall = time.time()
         with self._lock:
             self._expire()
-            if job_id in self._dropped:
+            if record.job_id in self._dropped:
                 return
-            series = self._jobs.setdefault(job_id, JobSeries(last_progress=now_wall))
+            series = self._jobs.setdefault(record.job_id, JobSeries(last_progress=now_wall))
             if series.finished_at is not None:
                 return
             series.apply(record, now_wall)

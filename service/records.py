@@ -1,30 +1,34 @@
-"""Rules for the metrics records workers report (``ReportMetrics``), before anything is stored.
+"""The metrics record workers report (``ReportMetrics``): one typed value, validated once.
 
-:func:`check_record` validates one record on its own: types, sizes (key
-count, key length), finite numbers, and that a reported checkpoint lies in the
-job's run directory. :func:`check_late_record` bounds what may still arrive
-after the job reached a terminal state: only the ending attempt's own records,
-within a grace window, never moving ``step`` backwards or past the final
-record. The job manager applies both; see docs/ARCHITECTURE.md, "Metrics record".
+:meth:`MetricsRecord.from_dict` is the only place a record's fields are
+checked: types, sizes (key count, key length, list length), finite numbers
+(except ``loss``), ``step``/``attempt`` ranges, and the job id. It runs where a
+record enters the service (``JobServicer.ReportMetrics``, through
+:func:`zerotrain.service.convert.metrics_record_from_proto`); ingestion, the job
+writer and the Prometheus exporter take the resulting :class:`MetricsRecord`
+as it is. What needs the job (the checkpoint inside its run directory, the
+late-record window) is :mod:`zerotrain.service.ingestion`'s. See
+docs/ARCHITECTURE.md, "Metrics record".
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-from zerotrain.service.errors import InvalidArgument, RecordRefused
-from zerotrain.service.model import CheckpointInfo, JobRecord
+from zerotrain.service.errors import InvalidArgument
+from zerotrain.service.spec_rules import is_number
 
 __all__ = [
     "MAX_KEYS",
     "MAX_KEY_CHARS",
+    "MAX_LIST_ITEMS",
     "PHASES",
-    "check_late_record",
-    "check_record",
+    "MetricsRecord",
+    "RecordCheckpoint",
 ]
 
 MAX_KEYS = 64
@@ -44,71 +48,196 @@ cannot create unbounded label values."""
 NON_FINITE_ALLOWED = frozenset({"loss"})
 """A diverged run reports a NaN or infinite loss: a result, stored as null."""
 
+_OPTIONAL_NUMBERS = ("time", "loss", "accuracy", "samples_per_second", "lr")
+_KNOWN = frozenset(
+    {
+        "job_id", "attempt", "step", "rank", "world_size", *_OPTIONAL_NUMBERS,
+        "phase_seconds", "optimizer", "state_bytes_per_rank", "final", "checkpoint",
+    }
+)  # fmt: skip
+_EMPTY: Mapping[str, float] = MappingProxyType({})
 
-def check_record(job_id: str, record: Any, *, run_dir: Path) -> tuple[int, CheckpointInfo | None]:
-    """Validate a metrics record of ``job_id``; returns ``(attempt, checkpoint)``.
 
-    Raises:
-        InvalidArgument: naming every bad field and its rule.
+def _empty() -> Mapping[str, float]:
+    return _EMPTY
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordCheckpoint:
+    """The checkpoint a record reports: where it lies is checked against the job later."""
+
+    step: int
+    path: str
+    time: float | None
+    """Unset on the wire: ingestion takes the record's own time, else now."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsRecord:
+    """One validated metrics record of a job (build it with :meth:`from_dict`).
+
+    ``None`` means "not reported" (such a field is neither stored nor exported);
+    numbers keep the type they arrived with, so the stored JSON is the record
+    as sent. Unknown numeric top-level keys (``eval_loss``, ...) are ``extra``.
     """
-    if not isinstance(record, dict):
-        raise InvalidArgument(f"record: must be a JSON object, got {type(record).__name__}")
-    errors: list[str] = []
-    _check_sizes(record, "record", errors)
 
-    def integer(name: str, value: Any, minimum: int) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            errors.append(f"record.{name}: must be an integer >= {minimum}, got {value!r}")
-            return False
-        return True
+    job_id: str
+    step: int
+    attempt: int = 1
+    rank: int = 0
+    world_size: int = 0
+    time: float | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    samples_per_second: float | None = None
+    lr: float | None = None
+    phase_seconds: Mapping[str, float] = field(default_factory=_empty)
+    optimizer: Mapping[str, float] = field(default_factory=_empty)
+    state_bytes_per_rank: tuple[float, ...] = ()
+    final: bool = False
+    checkpoint: RecordCheckpoint | None = None
+    extra: Mapping[str, float] = field(default_factory=_empty)
 
-    integer("step", record.get("step"), 0)
-    attempt = record.get("attempt", 1)
-    integer("attempt", attempt, 1)
-    if record.get("job_id") not in (None, job_id):
-        errors.append(f"record.job_id: must be the job's id {job_id!r}, got {record['job_id']!r}")
-    checkpoint = None
-    raw = record.get("checkpoint")
-    if raw is not None:
-        if not isinstance(raw, dict):
-            errors.append(f"record.checkpoint: must be an object, got {type(raw).__name__}")
-        else:
-            ok = integer("checkpoint.step", raw.get("step"), 0)
-            path = raw.get("path")
-            if not isinstance(path, str) or not path:
-                errors.append(f"record.checkpoint.path: must be a non-empty string, got {path!r}")
-                ok = False
-            elif not _inside(path, run_dir):
+    @classmethod
+    def from_dict(cls, job_id: str, data: Any) -> MetricsRecord:
+        """Validate the record ``data`` (the metrics-record JSON object) of ``job_id``.
+
+        Raises:
+            InvalidArgument: naming every bad field and its rule.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidArgument(f"record: must be a JSON object, got {type(data).__name__}")
+        errors: list[str] = []
+        if not isinstance(job_id, str) or not job_id:
+            errors.append(f"job_id: must be a non-empty string, got {job_id!r}")
+        elif data.get("job_id") not in (None, job_id):
+            errors.append(
+                f"record.job_id: must be the job's id {job_id!r}, got {data['job_id']!r}"
+            )
+        _check_sizes(data, "record", errors)
+
+        def integer(name: str, value: Any, minimum: int) -> bool:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                errors.append(f"record.{name}: must be an integer >= {minimum}, got {value!r}")
+                return False
+            return True
+
+        integer("step", data.get("step"), 0)
+        integer("attempt", data.get("attempt", 1), 1)
+        for name in ("rank", "world_size"):
+            if name in data:
+                integer(name, data[name], 0)
+        for name in _OPTIONAL_NUMBERS:
+            value = data.get(name)
+            if value is not None and not is_number(value):
+                errors.append(f"record.{name}: must be a number, got {value!r}")
+        if not isinstance(data.get("final", False), bool):
+            errors.append(f"record.final: must be true or false, got {data['final']!r}")
+        phases = _numbers(data.get("phase_seconds"), "phase_seconds", errors, nonnegative=True)
+        optimizer = _numbers(data.get("optimizer"), "optimizer", errors, nonnegative=False)
+        per_rank = data.get("state_bytes_per_rank")
+        if per_rank is not None and not (
+            isinstance(per_rank, list | tuple) and all(is_number(n) and n >= 0 for n in per_rank)
+        ):
+            errors.append(
+                f"record.state_bytes_per_rank: must be a list of numbers >= 0, got {per_rank!r}"
+            )
+        checkpoint = _checkpoint(data.get("checkpoint"), integer, errors)
+        extra = {}
+        for key, value in data.items():
+            if key in _KNOWN or not isinstance(key, str) or value is None:
+                continue  # None: not reported
+            if is_number(value):
+                extra[key] = value
+            else:
                 errors.append(
-                    f"record.checkpoint.path: must be inside the job's run directory "
-                    f"{run_dir}, got {path[:200]!r}"
+                    f"record.{str(key)[:80]}: must be a number (unknown keys are numeric "
+                    f"extras), got {type(value).__name__}"
                 )
-                ok = False
-            when = raw.get("time")
-            if when is None:  # unset on the wire: the record's own time, else now
-                when = record.get("time") or time.time()
-            if isinstance(when, bool) or not isinstance(when, int | float):
-                errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
-                ok = False
-            if ok and isinstance(path, str) and isinstance(when, int | float):
-                checkpoint = CheckpointInfo(step=raw["step"], path=path, time=float(when))
-    if errors:
-        raise InvalidArgument("; ".join(errors))
-    return attempt, checkpoint
+        if errors:
+            raise InvalidArgument("; ".join(errors))
+        return cls(
+            job_id=job_id,
+            step=data["step"],
+            attempt=data.get("attempt", 1),
+            rank=data.get("rank", 0),
+            world_size=data.get("world_size", 0),
+            **{name: data.get(name) for name in _OPTIONAL_NUMBERS},
+            phase_seconds=phases,
+            optimizer=optimizer,
+            state_bytes_per_rank=tuple(per_rank or ()),
+            final=data.get("final", False),
+            checkpoint=checkpoint,
+            extra=MappingProxyType(extra) if extra else _EMPTY,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's JSON object, as stored (``latest_metrics``, events) and served.
+
+        Unreported optional numbers are left out; extras sit beside the known keys.
+        """
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            job_id=self.job_id, attempt=self.attempt, step=self.step, rank=self.rank,
+            world_size=self.world_size,
+        )  # fmt: skip
+        for name in _OPTIONAL_NUMBERS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        out["phase_seconds"] = dict(self.phase_seconds)
+        out["optimizer"] = dict(self.optimizer)
+        out["state_bytes_per_rank"] = list(self.state_bytes_per_rank)
+        out["final"] = self.final
+        if self.checkpoint is not None:
+            out["checkpoint"] = {
+                "step": self.checkpoint.step,
+                "path": self.checkpoint.path,
+                "time": self.checkpoint.time,
+            }
+        return out
 
 
-def _inside(path: str, run_dir: Path) -> bool:
-    """Whether ``path`` (normalised, never resolved) names something under ``run_dir``.
+def _numbers(
+    value: Any, name: str, errors: list[str], *, nonnegative: bool
+) -> Mapping[str, float]:
+    """A map of numbers (``phase_seconds``, ``optimizer``), read-only; errors appended."""
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, Mapping):
+        errors.append(f"record.{name}: must be a mapping, got {value!r}")
+        return _EMPTY
+    rule = "a number >= 0" if nonnegative else "a number"
+    for key, item in value.items():
+        if not is_number(item) or (nonnegative and item < 0):
+            errors.append(f"record.{name}.{str(key)[:80]}: must be {rule}, got {item!r}")
+    return MappingProxyType(dict(value))
 
-    The run directory counts as given and with its symlinks resolved (workers
-    report paths under the resolved storage path).
-    """
-    normal = os.path.normpath(path)
-    roots = {str(run_dir).rstrip("/"), os.path.realpath(run_dir).rstrip("/")}
-    return os.path.isabs(normal) and any(normal.startswith(root + "/") for root in roots)
+
+def _checkpoint(
+    raw: Any, integer: Callable[[str, Any, int], bool], errors: list[str]
+) -> RecordCheckpoint | None:
+    """The record's checkpoint, its shape checked (its place is ingestion's to check)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        errors.append(f"record.checkpoint: must be an object, got {type(raw).__name__}")
+        return None
+    ok = integer("checkpoint.step", raw.get("step"), 0)
+    path = raw.get("path")
+    if not isinstance(path, str) or not path:
+        errors.append(f"record.checkpoint.path: must be a non-empty string, got {path!r}")
+        ok = False
+    when = raw.get("time")
+    if when is not None and not is_number(when):
+        errors.append(f"record.checkpoint.time: must be a number, got {when!r}")
+        ok = False
+    if not ok or not isinstance(path, str):
+        return None
+    return RecordCheckpoint(step=raw["step"], path=path, time=when)
 
 
-def _check_sizes(value: dict, where: str, errors: list[str]) -> None:
+def _check_sizes(value: Mapping, where: str, errors: list[str]) -> None:
     """Key count and length of ``value`` and its nested maps; finite numbers; short lists."""
     if len(value) > MAX_KEYS:
         errors.append(f"{where}: must have at most {MAX_KEYS} keys, got {len(value)}")
@@ -123,44 +252,7 @@ def _check_sizes(value: dict, where: str, errors: list[str]) -> None:
         if isinstance(item, float) and not math.isfinite(item):
             if where != "record" or key not in NON_FINITE_ALLOWED:
                 errors.append(f"{name}: must be finite, got {item!r}")
-        elif isinstance(item, dict):
+        elif isinstance(item, Mapping):
             _check_sizes(item, name, errors)
-        elif isinstance(item, list) and len(item) > MAX_LIST_ITEMS:
+        elif isinstance(item, list | tuple) and len(item) > MAX_LIST_ITEMS:
             errors.append(f"{name}: must have at most {MAX_LIST_ITEMS} items, got {len(item)}")
-
-
-def check_late_record(
-    job: JobRecord, record: dict, attempt: int, *, now: float, grace_s: float
-) -> None:
-    """Refuse a record for a job in a terminal state unless it is the ending attempt's own.
-
-    Accepted: within ``grace_s`` of the end, ``attempt`` equal to the job's,
-    ``step`` not below the latest record's, and not above the final record's
-    (or, with no final record yet, the spec's ``max_steps``).
-
-    Raises:
-        RecordRefused: why, and that nothing more will be accepted for the job.
-    """
-    ended = job.finished_at if job.finished_at is not None else job.updated_at
-    if now - ended > grace_s:
-        raise RecordRefused(
-            job.job_id,
-            f"ended ({job.state.value}) {now - ended:.0f} s ago; records are accepted for "
-            f"{grace_s:g} s after the end and its ingest token ended with that window",
-        )
-    if attempt != job.attempt:
-        raise RecordRefused(
-            job.job_id,
-            f"ended ({job.state.value}) with attempt {job.attempt}; record.attempt "
-            f"{attempt} is not the ending attempt",
-        )
-    latest = job.latest_metrics or {}
-    step = record["step"]
-    low = latest.get("step", 0)
-    high = low if latest.get("final") else job.spec.training.max_steps
-    if not low <= step <= high:
-        raise RecordRefused(
-            job.job_id,
-            f"ended ({job.state.value}); record.step must stay within [{low}, {high}] "
-            f"(never backwards, never past the final record), got {step}",
-        )

@@ -152,11 +152,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
             )
         if not request.HasField("record"):
             _abort_invalid(context, "record", "is required")
-        record = convert.metrics_from_proto(request.record)
-        if record["job_id"] and record["job_id"] != request.job_id:
+        if request.record.job_id not in ("", request.job_id):
             _abort_invalid(context, "record.job_id", "must equal job_id (or be empty)")
-        record["job_id"] = request.job_id
-        self._call(context, lambda: self._manager.ingest(request.job_id, record))
+        try:
+            record = convert.metrics_record_from_proto(request.record, request.job_id)
+        except InvalidArgument as exc:
+            _abort_for(context, exc)
+        self._call(context, lambda: self._manager.ingest(record))
         return pb.ReportMetricsResponse()
 
     # ---------------------------------------------------------------- stream rpcs

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zerotrain.service.metrics import ServiceMetrics
+from zerotrain.service.records import MetricsRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -52,7 +53,7 @@ def generate() -> ModuleType:
     return load_generate()
 
 
-def _record(job_id: str, algorithm: str, step: int) -> dict:
+def _record(job_id: str, algorithm: str, step: int) -> MetricsRecord:
     stats = {"step": float(step), "lr": 0.01, "grad_norm": 1.0, "param_norm": 5.0,
              "update_norm": 0.01, "update_param_ratio": 0.002, "state_bytes_per_rank": 800.0,
              "skipped_steps": 0.0}  # fmt: skip
@@ -61,19 +62,20 @@ def _record(job_id: str, algorithm: str, step: int) -> dict:
     else:
         stats |= {"nadam_mu_t": 0.9, "nadam_mu_product": 0.8, "nadam_bias_correction1": 0.1,
                   "nadam_bias_correction2": 0.01, "nadam_sqrt_v_hat_mean": 0.05}  # fmt: skip
-    return {"job_id": job_id, "attempt": 1, "step": step, "time": 0.0, "rank": 0,
-            "world_size": 2, "loss": 1.0, "accuracy": 0.5, "samples_per_second": 100.0,
-            "lr": 0.01, "phase_seconds": dict.fromkeys(("data", "forward", "backward",
-            "communication", "optimizer"), 0.01), "optimizer": stats,
-            "state_bytes_per_rank": [800, 800], "final": False}  # fmt: skip
+    fields = {"job_id": job_id, "attempt": 1, "step": step, "time": 0.0, "rank": 0,
+              "world_size": 2, "loss": 1.0, "accuracy": 0.5, "samples_per_second": 100.0,
+              "lr": 0.01, "phase_seconds": dict.fromkeys(("data", "forward", "backward",
+              "communication", "optimizer"), 0.01), "optimizer": stats,
+              "state_bytes_per_rank": [800, 800], "final": False}  # fmt: skip
+    return MetricsRecord.from_dict(job_id, fields)
 
 
 @pytest.fixture(scope="session")
 def exported_metric_names() -> set[str]:
     """Sample names on a real scrape of a ServiceMetrics that saw every kind of update."""
     metrics = ServiceMetrics()
-    metrics.record_training("j-adamax", _record("j-adamax", "adamax", 10))
-    metrics.record_training("j-nadam", _record("j-nadam", "nadam", 10))
+    metrics.record_training(_record("j-adamax", "adamax", 10))
+    metrics.record_training(_record("j-nadam", "nadam", 10))
     metrics.set_job_states({"RUNNING": 2, "FAILED": 0})
     metrics.inc_submissions()
     metrics.inc_reconciliation_errors()

@@ -12,9 +12,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zerotrain.service.metrics import MetricsInterceptor, ServiceMetrics
+from zerotrain.service.records import MetricsRecord
 
 
-def _record(step: int, **overrides) -> dict:
+def _record(step: int, job_id: str = "j-1", **overrides) -> MetricsRecord:
+    return MetricsRecord.from_dict(job_id, _fields(step, job_id=job_id, **overrides))
+
+
+def _fields(step: int, **overrides) -> dict:
     record = {
         "job_id": "j-1",
         "attempt": 1,
@@ -89,8 +94,8 @@ def _scrape(url: str) -> str:
 
 def test_training_record_becomes_series(served):
     metrics, url = served
-    metrics.record_training("j-1", _record(10))
-    metrics.record_training("j-1", _record(20, loss=0.5))
+    metrics.record_training(_record(10, "j-1"))
+    metrics.record_training(_record(20, loss=0.5))
     samples = _samples(_scrape(url))
     job = (("job_id", "j-1"),)
     assert samples[("zerotrain_training_step", job)] == 20
@@ -117,10 +122,10 @@ def test_training_record_becomes_series(served):
 
 def test_restart_counts_and_step_rewind(served):
     metrics, url = served
-    metrics.record_training("j-1", _record(30))
+    metrics.record_training(_record(30, "j-1"))
     # Restart from a checkpoint at step 20: the step rewinds, steps_total keeps counting.
-    metrics.record_training("j-1", _record(25, attempt=2))
-    metrics.record_training("j-1", _record(35, attempt=2))
+    metrics.record_training(_record(25, attempt=2))
+    metrics.record_training(_record(35, attempt=2))
     samples = _samples(_scrape(url))
     job = (("job_id", "j-1"),)
     assert samples[("zerotrain_training_step", job)] == 35
@@ -131,8 +136,8 @@ def test_restart_counts_and_step_rewind(served):
 
 def test_scraped_page_passes_promtool(served, promtool):
     metrics, url = served
-    metrics.record_training("j-1", _record(10))
-    metrics.record_training("j-2", _record(5, phase_seconds={"data": 0.1, "weird": 0.2}))
+    metrics.record_training(_record(10, "j-1"))
+    metrics.record_training(_record(5, "j-2", phase_seconds={"data": 0.1, "weird": 0.2}))
     metrics.set_job_states({"RUNNING": 2, "PENDING": 0})
     metrics.inc_submissions()
     metrics.inc_reconciliation_errors()
@@ -157,8 +162,8 @@ def test_scraped_page_passes_promtool(served, promtool):
 def test_finished_job_series_dropped_after_retention(served):
     metrics, url = served
     clock = metrics._clock
-    metrics.record_training("j-1", _record(10))
-    metrics.record_training("j-2", _record(10))
+    metrics.record_training(_record(10, "j-1"))
+    metrics.record_training(_record(10, "j-2"))
     metrics.job_finished("j-1")
     clock.now += 59.0
     samples = _samples(_scrape(url))
@@ -168,24 +173,25 @@ def test_finished_job_series_dropped_after_retention(served):
     assert 'job_id="j-1"' not in page
     assert 'job_id="j-2"' in page
     # A late record cannot revive a retired job.
-    metrics.record_training("j-1", _record(11))
+    metrics.record_training(_record(11, "j-1"))
     assert 'job_id="j-1"' not in _scrape(url)
     assert metrics.training_jobs() == ["j-2"]
 
 
 def test_bad_record_is_rejected_and_changes_nothing():
+    """A record is validated once, when it is built: a bad one never reaches the exporter."""
     metrics = ServiceMetrics()
-    metrics.record_training("j-1", _record(10))
-    bad = _record(11, loss="high", optimizer={"grad_norm": None}, state_bytes_per_rank=[-1])
+    metrics.record_training(_record(10))
+    bad = _fields(11, loss="high", optimizer={"grad_norm": None}, state_bytes_per_rank=[-1])
     with pytest.raises(ValueError) as excinfo:
-        metrics.record_training("j-1", bad)
+        metrics.record_training(MetricsRecord.from_dict("j-1", bad))
     message = str(excinfo.value)
     assert "record.loss: must be a number" in message
     assert "record.optimizer.grad_norm: must be a number" in message
     assert "record.state_bytes_per_rank" in message
     assert metrics.registry.get_sample_value("zerotrain_training_step", {"job_id": "j-1"}) == 10
     with pytest.raises(ValueError, match="job_id"):
-        metrics.record_training("", _record(1))
+        metrics.record_training(MetricsRecord.from_dict("", _fields(1)))
     with pytest.raises(ValueError, match="retention_s"):
         ServiceMetrics(retention_s=-1)
 

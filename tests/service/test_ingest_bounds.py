@@ -24,6 +24,7 @@ from zerotrain.service.auth import Authenticator
 from zerotrain.service.ingest_client import GrpcSink, IngestError
 from zerotrain.service.jobs import JobManager
 from zerotrain.service.model import JobState
+from zerotrain.service.records import MetricsRecord
 from zerotrain.service.runtime.reporter import BufferedReporter
 from zerotrain.service.store import JobStore
 
@@ -51,7 +52,7 @@ def port(manager: JobManager, auth: Authenticator) -> Iterator[int]:
 def _ended(manager: JobManager, job_id: str, *, ago_s: float = 0.0, **record) -> None:
     """A job that ran (attempt 1), sent its final record, and ended ``ago_s`` seconds ago."""
     seed_job(manager.store, job_id, "alice", state=JobState.RUNNING, attempt=1)
-    manager.ingest(job_id, {**FINAL, **record, "time": time.time()})
+    manager.ingest(MetricsRecord.from_dict(job_id, {**FINAL, **record, "time": time.time()}))
     ended = time.time() - ago_s
     manager.store.update_job(
         job_id, now=ended, state=JobState.SUCCEEDED, reason="finished", finished_at=ended
@@ -102,7 +103,7 @@ def test_the_ending_attempt_may_resend_its_final_record_within_the_grace_window(
 ):
     """The final record can race the terminal state: resent in time, it is taken (no event)."""
     seed_job(manager.store, "j-racing", "alice", state=JobState.RUNNING, attempt=1)
-    manager.ingest("j-racing", {"attempt": 1, "step": 2, "loss": 0.5})
+    manager.ingest(MetricsRecord.from_dict("j-racing", {"attempt": 1, "step": 2, "loss": 0.5}))
     now = time.time()
     manager.store.update_job(
         "j-racing", now=now, state=JobState.SUCCEEDED, reason="finished", finished_at=now

@@ -29,6 +29,7 @@ from zerotrain.service.jobs import JobManager
 from zerotrain.service.local_ray import LocalRay, start_local_ray
 from zerotrain.service.model import JobEvent, JobRecord, JobState
 from zerotrain.service.ray_jobs import RayJobs
+from zerotrain.service.records import MetricsRecord
 from zerotrain.service.spec import JobSpec, save_spec
 from zerotrain.service.store import JobStore
 
@@ -137,14 +138,14 @@ def test_lifecycle_with_ingested_metrics_and_logs(manager: JobManager):
     assert record.state == JobState.PENDING and record.ray_job_id == record.job_id
     wait_for_state(manager, record.job_id, JobState.RUNNING)
     for step, final in ((2, False), (4, True)):
-        manager.ingest(
+        manager.ingest(MetricsRecord.from_dict(
             record.job_id,
             {
                 "job_id": record.job_id, "attempt": 1, "step": step, "time": time.time(),
                 "loss": 1.0 / step, "final": final,
                 "checkpoint": {"step": step, "path": f"{manager.run_dir(record.job_id)}/c{step}"},
             },
-        )  # fmt: skip
+        ))  # fmt: skip
 
     events = collect(manager, record.job_id)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
@@ -314,8 +315,9 @@ def test_ingest_attempts_and_bad_records(tmp_path: Path, ray_jobs: RayJobs):
     """Ingestion alone (the manager is not started, so nothing reconciles)."""
     manager = JobManager(JobStore(tmp_path / "jobs.db"), ray_jobs, data_dir=tmp_path)
     job = stored_job(manager.store, "j-ingest")
-    manager.ingest(job.job_id, {"attempt": 1, "step": 2, "loss": 0.9})
-    manager.ingest(job.job_id, {"attempt": 2, "step": 3, "loss": 0.8})  # restarted
+    manager.ingest(MetricsRecord.from_dict(job.job_id, {"attempt": 1, "step": 2, "loss": 0.9}))
+    restarted = {"attempt": 2, "step": 3, "loss": 0.8}
+    manager.ingest(MetricsRecord.from_dict(job.job_id, restarted))
     events = manager.store.events(job.job_id)
     assert [(e.kind, e.state, e.attempt) for e in events] == [
         ("state", JobState.PENDING, 0),
@@ -339,10 +341,13 @@ def test_ingest_attempts_and_bad_records(tmp_path: Path, ray_jobs: RayJobs):
     ]
     for record, message in bad:
         with pytest.raises(InvalidArgument, match=message):
-            manager.ingest(job.job_id, record)  # type: ignore[arg-type]
+            manager.ingest(MetricsRecord.from_dict(job.job_id, record))
+    outside = {"step": 1, "checkpoint": {"step": 1, "path": "/etc/shadow"}}
+    with pytest.raises(InvalidArgument, match="run directory"):
+        manager.ingest(MetricsRecord.from_dict(job.job_id, outside))
     assert (manager.get(job.job_id), manager.store.last_sequence(job.job_id)) == before
     with pytest.raises(JobNotFound):
-        manager.ingest("j-unknown", {"step": 1})
+        manager.ingest(MetricsRecord.from_dict("j-unknown", {"step": 1}))
     with pytest.raises(InvalidArgument, match="from_sequence"):
         manager.watch(job.job_id, -1)
     manager.store.close()
@@ -381,7 +386,8 @@ def test_real_runtime_job_end_to_end(tmp_path: Path, ray_jobs: RayJobs):
         marker = "ZEROTRAIN_METRICS "
         for line in manager.logs(record.job_id, follow=True):
             if marker in line:
-                manager.ingest(record.job_id, json.loads(line.split(marker, 1)[1]))
+                data = json.loads(line.split(marker, 1)[1])
+                manager.ingest(MetricsRecord.from_dict(record.job_id, data))
         events = collect(manager, record.job_id, timeout=180)
         done = manager.get(record.job_id)
         assert done.state == JobState.SUCCEEDED, done.state_reason
