@@ -2,7 +2,9 @@
 
 Measures
 
-* ``ServiceMetrics.record_training``: microseconds per metrics record;
+* ``MetricsRecord.from_dict``: microseconds to validate one metrics record (done
+  once, where it enters the service);
+* ``ServiceMetrics.record_training``: microseconds to export one (already valid) record;
 * a scrape: milliseconds to render ``/metrics`` and its size, with 1, 10, 100 and
   1000 jobs of 2 ranks each exported (retention keeps finished jobs' series for a
   while, so a busy service can hold many);
@@ -37,7 +39,7 @@ from zerotrain.service.records import MetricsRecord
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_overhead.json"
 
 
-def _record(job_id: str, step: int) -> MetricsRecord:
+def _fields(job_id: str, step: int) -> dict:
     stats = {"step": float(step), "lr": 1e-3, "grad_norm": 1.0, "param_norm": 5.0,
              "update_norm": 0.01, "update_param_ratio": 0.002, "state_bytes_per_rank": 8e5,
              "skipped_steps": 0.0, "nadam_mu_t": 0.9, "nadam_mu_product": 0.8,
@@ -48,7 +50,20 @@ def _record(job_id: str, step: int) -> MetricsRecord:
               "lr": 1e-3, "phase_seconds": dict.fromkeys(("data", "forward", "backward",
               "communication", "optimizer"), 0.01), "optimizer": stats,
               "state_bytes_per_rank": [800000, 800000], "final": False}  # fmt: skip
-    return MetricsRecord.from_dict(job_id, fields)
+    return fields
+
+
+def _record(job_id: str, step: int) -> MetricsRecord:
+    return MetricsRecord.from_dict(job_id, _fields(job_id, step))
+
+
+def bench_validate(n: int = 20_000) -> float:
+    """µs to build and validate one record (``MetricsRecord.from_dict``, once per record)."""
+    fields = [_fields("j-bench", step) for step in range(1, n + 1)]
+    start = time.perf_counter()
+    for data in fields:
+        MetricsRecord.from_dict("j-bench", data)
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def bench_record(n: int = 20_000) -> float:
@@ -118,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5000, help="rpcs per variant")
     args = parser.parse_args(argv)
 
+    validate_us = bench_validate()
     record_us = bench_record()
     scrapes = {jobs: bench_scrape(jobs) for jobs in (1, 10, 100, 1000)}
     plain_us, metered_us = bench_interceptor(args.calls)
 
     print("| measurement | value |")
     print("| --- | --- |")
+    print(f"| MetricsRecord.from_dict, per record | {validate_us:.1f} µs |")
     print(f"| record_training, per record | {record_us:.1f} µs |")
     for jobs, (ms, size) in scrapes.items():
         print(f"| scrape with {jobs} jobs x 2 ranks | {ms:.2f} ms, {size / 1024:.0f} KiB |")
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "load_average_1m": os.getloadavg()[0],
         },
+        "validate_us": validate_us,
         "record_training_us": record_us,
         "scrape": {str(j): {"ms": ms, "bytes": size} for j, (ms, size) in scrapes.items()},
         "rpc_median_us": {"plain": plain_us, "metrics_interceptor": metered_us},
