@@ -34,18 +34,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 _RAY_FIXTURES = {"ray_head", "ray_cluster", "ray_address"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark every test that uses a Ray cluster fixture ``ray`` (``make test-fast`` skips them).
-
-    They also form one xdist group: under ``pytest -n 2 --dist loadgroup`` (``make
-    test``) they run in order on one worker, against one Ray head, while the other
-    worker runs everything else. Two heads on two cores would only slow both."""
+    """Mark every test that uses a Ray cluster fixture ``ray`` (``make test-fast`` skips them)."""
     for item in items:
         if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
