@@ -51,8 +51,10 @@ def _typed_json(desc: descriptor.Descriptor, data: dict[str, Any]) -> dict[str, 
 
 def _typed_value(fd: descriptor.FieldDescriptor, value: Any) -> Any:
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        # A map has no order (protobuf iterates it in hash order): keys sorted, so the
+        # same job always prints the same JSON.
         value_fd = fd.message_type.fields_by_name["value"]
-        return {k: _typed_scalar(value_fd, v) for k, v in value.items()}
+        return {k: _typed_scalar(value_fd, v) for k, v in sorted(value.items())}
     if fd.is_repeated:
         return [_typed_scalar(fd, v) for v in value]
     return _typed_scalar(fd, value)
